@@ -1,0 +1,452 @@
+"""Keras 3 layers of matrix capsules with EM routing.
+
+`PrimaryCaps`, `ConvCaps` and `ClassCaps` are the article's `primary_caps`,
+`conv_capsule` and `class_capsules`, with the same weight layouts (so that
+`capsem.compat.load_article_weights` can put TF1 weights into them) and the
+same numbers, but with no batch size, kernel size or grid shape hard-coded.
+
+Capsule tensors are passed between layers as a pair `[poses, activations]`:
+poses `(N, H, W, caps, 4, 4)` and activations `(N, H, W, caps)`.
+
+Reference: G. E. Hinton, S. Sabour, N. Frosst, "Matrix capsules with EM
+routing", ICLR 2018.
+"""
+
+import keras
+import tensorflow as tf
+
+from capsem import ops
+
+_PACKAGE = "capsem"
+
+
+def _transform_initializer():
+    # The article: tf.truncated_normal_initializer(stddev=1.0).
+    return keras.initializers.TruncatedNormal(mean=0.0, stddev=1.0)
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_capsule_input(layer, input_shape):
+    """Validates `[poses_shape, activations_shape]` and returns (H, W, I)."""
+    try:
+        pose_shape, act_shape = input_shape
+        pose_shape, act_shape = tuple(pose_shape), tuple(act_shape)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{layer.__class__.__name__} '{layer.name}' expects a pair [poses "
+            f"(N, H, W, caps, 4, 4), activations (N, H, W, caps)], got input "
+            f"shape {input_shape}") from None
+    if len(pose_shape) != 6 or pose_shape[-2:] != (4, 4):
+        raise ValueError(
+            f"{layer.__class__.__name__} '{layer.name}': poses must be "
+            f"(N, H, W, caps, 4, 4), got shape {pose_shape}")
+    if len(act_shape) != 4 or act_shape[1:] != pose_shape[1:4]:
+        raise ValueError(
+            f"{layer.__class__.__name__} '{layer.name}': activations must be "
+            f"(N, H, W, caps) = (N, {pose_shape[1]}, {pose_shape[2]}, "
+            f"{pose_shape[3]}) to match the poses {pose_shape}, got shape {act_shape}")
+    if pose_shape[3] is None:
+        raise ValueError(
+            f"{layer.__class__.__name__} '{layer.name}': the number of input "
+            f"capsule types must be known, got poses shape {pose_shape}")
+    return pose_shape[1], pose_shape[2], pose_shape[3]
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class PrimaryCaps(keras.layers.Layer):
+    """Primary capsules: a convolution to 4x4 poses and a sigmoid activation per capsule.
+
+    Article: `primary_caps`. Two convolutions of the input feature map: one
+    with `16 * capsules` channels for the poses (channel `16*cap + 4*row +
+    col`) and one with `capsules` channels followed by a sigmoid for the
+    activations. Both have biases.
+
+    Args:
+      capsules: number of capsule types B.
+      kernel_size: convolution kernel size (the article uses 1).
+      strides: convolution stride (the article uses 1).
+      padding: "valid" (the article) or "same".
+      kernel_initializer: initializer of both convolution kernels
+        (slim.conv2d's default, Glorot uniform).
+      bias_initializer: initializer of both biases (zeros).
+      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
+
+    Input shape:
+      `(N, H, W, A)` feature maps.
+
+    Output shape:
+      `[(N, OH, OW, capsules, 4, 4), (N, OH, OW, capsules)]`.
+
+    Example:
+    >>> layer = PrimaryCaps(capsules=8)
+    >>> poses, activations = layer(tf.zeros((2, 14, 14, 32)))
+    >>> poses.shape, activations.shape
+    (TensorShape([2, 14, 14, 8, 4, 4]), TensorShape([2, 14, 14, 8]))
+    """
+
+    def __init__(self, capsules, kernel_size=1, strides=1, padding="valid",
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.capsules = _check_positive_int(capsules, "capsules")
+        self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
+        self.strides = _check_positive_int(strides, "strides")
+        if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+        self.padding = padding.lower()
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 4 or input_shape[-1] is None:
+            raise ValueError(
+                f"PrimaryCaps '{self.name}' expects feature maps (N, H, W, channels) "
+                f"with known channels, got shape {input_shape}")
+        if self.padding == "valid":
+            ops._check_grid(input_shape[1], input_shape[2], self.kernel_size,
+                            f"PrimaryCaps '{self.name}'", input_shape)
+        channels = input_shape[-1]
+        k = self.kernel_size
+        self.pose_weights = self.add_weight(
+            name="pose_weights", shape=(k, k, channels, 16 * self.capsules),
+            initializer=self.kernel_initializer)
+        self.pose_biases = self.add_weight(
+            name="pose_biases", shape=(16 * self.capsules,),
+            initializer=self.bias_initializer)
+        self.activation_weights = self.add_weight(
+            name="activation_weights", shape=(k, k, channels, self.capsules),
+            initializer=self.kernel_initializer)
+        self.activation_biases = self.add_weight(
+            name="activation_biases", shape=(self.capsules,),
+            initializer=self.bias_initializer)
+
+    def call(self, inputs):
+        padding = self.padding.upper()
+        strides = [1, self.strides, self.strides, 1]
+        pose = tf.nn.conv2d(inputs, self.pose_weights, strides, padding)
+        pose = tf.nn.bias_add(pose, self.pose_biases)  # (N, OH, OW, 16*B)
+        act = tf.nn.conv2d(inputs, self.activation_weights, strides, padding)
+        act = tf.sigmoid(tf.nn.bias_add(act, self.activation_biases))  # (N, OH, OW, B)
+        shape = tf.shape(pose)
+        poses = tf.reshape(
+            pose, tf.stack([shape[0], shape[1], shape[2], self.capsules, 4, 4]))  # (N, OH, OW, B, 4, 4)
+        poses.set_shape(act.shape.concatenate([4, 4]))
+        return poses, act
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = tuple(input_shape)
+        oh, ow = (_conv_out(h, self.kernel_size, self.strides, self.padding),
+                  _conv_out(w, self.kernel_size, self.strides, self.padding))
+        return (n, oh, ow, self.capsules, 4, 4), (n, oh, ow, self.capsules)
+
+    def article_variables(self):
+        """The layer's weights under their TF1 names relative to the layer scope."""
+        return {
+            "pose_stacked/weights": self.pose_weights,
+            "pose_stacked/biases": self.pose_biases,
+            "activation/weights": self.activation_weights,
+            "activation/biases": self.activation_biases,
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "capsules": self.capsules,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        })
+        return config
+
+
+def _conv_out(size, kernel, stride, padding="valid"):
+    if size is None:
+        return None
+    if padding == "same":
+        return -(-size // stride)
+    return (size - kernel) // stride + 1
+
+
+class _RoutingLayer(keras.layers.Layer):
+    """Shared parts of the capsule layers that route with EM."""
+
+    def __init__(self, capsules, iterations, stable, transform_initializer,
+                 beta_initializer, **kwargs):
+        super().__init__(**kwargs)
+        self.capsules = _check_positive_int(capsules, "capsules")
+        self.iterations = _check_positive_int(iterations, "iterations")
+        if not isinstance(stable, bool):
+            raise ValueError(f"stable must be True or False, got {stable!r}")
+        self.stable = stable
+        self.transform_initializer = keras.initializers.get(
+            transform_initializer if transform_initializer is not None
+            else _transform_initializer())
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+
+    def _route(self, votes, i_activations, return_details):
+        # votes (..., I, O, 16), i_activations (..., I)
+        result = ops.em_routing(votes, i_activations, self.beta_v, self.beta_a,
+                                self.iterations, stable=self.stable,
+                                return_assignments=return_details)
+        return result
+
+    def _prepare(self, inputs):
+        """Converts `[poses, activations]` to tensors and builds the layer if needed."""
+        try:
+            poses, activations = inputs
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self.__class__.__name__} '{self.name}' expects a pair [poses "
+                f"(N, H, W, caps, 4, 4), activations (N, H, W, caps)], got "
+                f"{type(inputs).__name__}") from None
+        poses = tf.convert_to_tensor(poses, dtype=self.compute_dtype)
+        activations = tf.convert_to_tensor(activations, dtype=self.compute_dtype)
+        if not self.built:
+            self.build([tuple(poses.shape), tuple(activations.shape)])
+        else:
+            _check_capsule_input(self, [tuple(poses.shape), tuple(activations.shape)])
+            if poses.shape[3] != self.in_capsules:
+                raise ValueError(
+                    f"{self.__class__.__name__} '{self.name}' was built for "
+                    f"{self.in_capsules} input capsule types (w has shape "
+                    f"{tuple(self.w.shape)}), got {poses.shape[3]} (poses shape "
+                    f"{tuple(poses.shape)})")
+        return poses, activations
+
+    def article_variables(self):
+        """The layer's weights under their TF1 names relative to the layer scope."""
+        return {"votes/w": self.w, "routing/beta_v": self.beta_v,
+                "routing/beta_a": self.beta_a}
+
+    def call(self, inputs):
+        out = self.call_with_details(inputs, return_details=False)
+        return out["poses"], out["activations"]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "capsules": self.capsules,
+            "iterations": self.iterations,
+            "stable": self.stable,
+            "transform_initializer": keras.initializers.serialize(self.transform_initializer),
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+        })
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ConvCaps(_RoutingLayer):
+    """Convolutional capsules with EM routing (article: `conv_capsule`).
+
+    Each output position routes, independently, the K*K*I capsules of its
+    K x K input window (VALID padding) to `capsules` output capsule types.
+    Input capsule `(K*i + j)*I + cap` (kernel position major, capsule type
+    minor) votes `pose @ w[0, (K*i + j)*I + cap, o]` for output type o; the
+    transformation matrices are shared by all positions.
+
+    Args:
+      capsules: number of output capsule types O.
+      kernel_size: K (the article uses 3).
+      strides: stride s (the article uses 2 and 1).
+      iterations: EM routing iterations (the article uses 3).
+      stable: guard the article's unguarded divisions in EM routing (see
+        `capsem.ops.em_routing`); False reproduces the article exactly.
+      transform_initializer: initializer of `w` (default truncated normal,
+        stddev 1, as the article).
+      beta_initializer: initializer of `beta_v` and `beta_a` (Glorot uniform).
+      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
+
+    Input shape:
+      `[poses (N, H, W, I, 4, 4), activations (N, H, W, I)]`.
+
+    Output shape:
+      `[poses (N, OH, OW, O, 4, 4), activations (N, OH, OW, O)]` with
+      `OH = (H - K) // s + 1`, `OW = (W - K) // s + 1`.
+
+    Weights:
+      `w (1, K*K*I, O, 4, 4)`, `beta_v (1, 1, 1, O)`, `beta_a (1, 1, 1, O)`.
+
+    Example:
+    >>> layer = ConvCaps(capsules=16, kernel_size=3, strides=2)
+    >>> poses, acts = layer([tf.zeros((2, 9, 9, 8, 4, 4)), tf.fill((2, 9, 9, 8), 0.5)])
+    >>> poses.shape, acts.shape
+    (TensorShape([2, 4, 4, 16, 4, 4]), TensorShape([2, 4, 4, 16]))
+    """
+
+    def __init__(self, capsules, kernel_size=3, strides=1, iterations=3,
+                 stable=False, transform_initializer=None,
+                 beta_initializer="glorot_uniform", **kwargs):
+        super().__init__(capsules, iterations, stable, transform_initializer,
+                         beta_initializer, **kwargs)
+        self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
+        self.strides = _check_positive_int(strides, "strides")
+
+    def build(self, input_shape):
+        height, width, in_caps = _check_capsule_input(self, input_shape)
+        ops._check_grid(height, width, self.kernel_size,
+                        f"ConvCaps '{self.name}'", tuple(input_shape[0]))
+        self.in_capsules = in_caps
+        k2i = self.kernel_size * self.kernel_size * in_caps
+        self.w = self.add_weight(
+            name="w", shape=(1, k2i, self.capsules, 4, 4),
+            initializer=self.transform_initializer)
+        self.beta_v = self.add_weight(
+            name="beta_v", shape=(1, 1, 1, self.capsules),
+            initializer=self.beta_initializer)
+        self.beta_a = self.add_weight(
+            name="beta_a", shape=(1, 1, 1, self.capsules),
+            initializer=self.beta_initializer)
+
+    def call_with_details(self, inputs, return_details=True):
+        """Runs the layer; with `return_details` also returns votes and assignments.
+
+        Returns:
+          a dict with `poses`, `activations` and, if `return_details`, `votes`
+          `(N, OH, OW, K*K*I, O, 16)` and `assignments` `(N, OH, OW, K*K*I, O)`
+          (the rr of the last M-step).
+        """
+        poses, activations = self._prepare(inputs)
+        k, s, o = self.kernel_size, self.strides, self.capsules
+        k2i = k * k * self.in_capsules
+        tiled_p = ops.kernel_tile(poses, k, s)  # (N, OH, OW, K*K, I*16)
+        tiled_a = ops.kernel_tile(activations, k, s)  # (N, OH, OW, K*K, I)
+        shape = tf.shape(tiled_a)
+        n, oh, ow = shape[0], shape[1], shape[2]
+        flat_p = tf.reshape(tiled_p, [-1, k2i, 16])  # (N*OH*OW, K*K*I, 16)
+        votes = ops.mat_transform(flat_p, self.w)  # (N*OH*OW, K*K*I, O, 16)
+        votes = tf.reshape(votes, tf.stack([n, oh, ow, k2i, o, 16]))  # (N, OH, OW, K*K*I, O, 16)
+        i_act = tf.reshape(tiled_a, tf.stack([n, oh, ow, k2i]))  # (N, OH, OW, K*K*I)
+        static = tiled_a.shape[:3]
+        votes.set_shape(static.concatenate([k2i, o, 16]))
+        i_act.set_shape(static.concatenate([k2i]))
+        result = self._route(votes, i_act, return_details)
+        out_p = tf.reshape(result[0], tf.stack([n, oh, ow, o, 4, 4]))  # (N, OH, OW, O, 4, 4)
+        out_p.set_shape(static.concatenate([o, 4, 4]))
+        out = {"poses": out_p, "activations": result[1]}
+        if return_details:
+            out.update(votes=votes, assignments=result[2])
+        return out
+
+    def compute_output_shape(self, input_shape):
+        pose_shape = tuple(input_shape[0])
+        n, h, w = pose_shape[:3]
+        oh = _conv_out(h, self.kernel_size, self.strides)
+        ow = _conv_out(w, self.kernel_size, self.strides)
+        return (n, oh, ow, self.capsules, 4, 4), (n, oh, ow, self.capsules)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"kernel_size": self.kernel_size, "strides": self.strides})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ClassCaps(_RoutingLayer):
+    """Class capsules with coordinate addition and EM routing (article: `class_capsules`).
+
+    Every input capsule at every grid position votes for each class with a
+    transformation matrix shared across positions; with coordinate addition
+    the scaled position `((h + 0.5) / H, (w + 0.5) / W)` is added to pose
+    elements [0, 0] and [0, 1] of the votes. All H*W*I votes are routed to
+    the `capsules` class capsules; the input index is `(h*W + w)*I + i`.
+
+    Args:
+      capsules: number of classes.
+      iterations: EM routing iterations (the article uses 3).
+      coord_addition: add the scaled coordinates to the votes (the article
+        and the paper do).
+      stable: guard the article's unguarded divisions in EM routing (see
+        `capsem.ops.em_routing`); False reproduces the article exactly.
+      transform_initializer: initializer of `w` (default truncated normal,
+        stddev 1, as the article).
+      beta_initializer: initializer of `beta_v` and `beta_a` (Glorot uniform).
+      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
+
+    Input shape:
+      `[poses (N, H, W, I, 4, 4), activations (N, H, W, I)]`; H and W may differ.
+
+    Output shape:
+      `[poses (N, capsules, 4, 4), activations (N, capsules)]`.
+
+    Weights:
+      `w (1, I, capsules, 4, 4)`, `beta_v (1, capsules)`, `beta_a (1, capsules)`.
+
+    Example:
+    >>> layer = ClassCaps(capsules=5)
+    >>> poses, acts = layer([tf.zeros((2, 3, 3, 8, 4, 4)), tf.fill((2, 3, 3, 8), 0.5)])
+    >>> poses.shape, acts.shape
+    (TensorShape([2, 5, 4, 4]), TensorShape([2, 5]))
+    """
+
+    def __init__(self, capsules, iterations=3, coord_addition=True, stable=False,
+                 transform_initializer=None, beta_initializer="glorot_uniform",
+                 **kwargs):
+        super().__init__(capsules, iterations, stable, transform_initializer,
+                         beta_initializer, **kwargs)
+        if not isinstance(coord_addition, bool):
+            raise ValueError(f"coord_addition must be True or False, got {coord_addition!r}")
+        self.coord_addition = coord_addition
+
+    def build(self, input_shape):
+        height, width, in_caps = _check_capsule_input(self, input_shape)
+        if self.coord_addition and (height is None or width is None):
+            raise ValueError(
+                f"ClassCaps '{self.name}': coordinate addition needs a known grid "
+                f"size, got poses shape {tuple(input_shape[0])}")
+        self.in_capsules = in_caps
+        self.w = self.add_weight(
+            name="w", shape=(1, in_caps, self.capsules, 4, 4),
+            initializer=self.transform_initializer)
+        self.beta_v = self.add_weight(
+            name="beta_v", shape=(1, self.capsules), initializer=self.beta_initializer)
+        self.beta_a = self.add_weight(
+            name="beta_a", shape=(1, self.capsules), initializer=self.beta_initializer)
+
+    def call_with_details(self, inputs, return_details=True):
+        """Runs the layer; with `return_details` also returns votes and assignments.
+
+        Returns:
+          a dict with `poses`, `activations` and, if `return_details`, `votes`
+          `(N, H*W*I, O, 16)` (after coordinate addition) and `assignments`
+          `(N, H*W*I, O)` (the rr of the last M-step).
+        """
+        poses, activations = self._prepare(inputs)
+        i, o = self.in_capsules, self.capsules
+        shape = tf.shape(activations)
+        n, h, w = shape[0], shape[1], shape[2]
+        flat_p = tf.reshape(poses, [-1, i, 16])  # (N*H*W, I, 16)
+        votes = ops.mat_transform(flat_p, self.w)  # (N*H*W, I, O, 16)
+        votes = tf.reshape(votes, tf.stack([n, h, w, i, o, 16]))  # (N, H, W, I, O, 16)
+        if self.coord_addition:
+            votes = ops.coord_addition(votes, activations.shape[1], activations.shape[2])
+        votes = tf.reshape(votes, tf.stack([n, h * w * i, o, 16]))  # (N, H*W*I, O, 16)
+        i_act = tf.reshape(activations, tf.stack([n, h * w * i]))  # (N, H*W*I)
+        hwi = None
+        if activations.shape[1] is not None and activations.shape[2] is not None:
+            hwi = activations.shape[1] * activations.shape[2] * i
+        votes.set_shape([activations.shape[0], hwi, o, 16])
+        i_act.set_shape([activations.shape[0], hwi])
+        result = self._route(votes, i_act, return_details)
+        out_p = tf.reshape(result[0], tf.stack([n, o, 4, 4]))  # (N, O, 4, 4)
+        out_p.set_shape([activations.shape[0], o, 4, 4])
+        out = {"poses": out_p, "activations": result[1]}
+        if return_details:
+            out.update(votes=votes, assignments=result[2])
+        return out
+
+    def compute_output_shape(self, input_shape):
+        n = tuple(input_shape[0])[0]
+        return (n, self.capsules, 4, 4), (n, self.capsules)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"coord_addition": self.coord_addition})
+        return config

@@ -1,0 +1,103 @@
+"""The article's matrix-capsule network as a Keras model (article: `nets.capsules_net`)."""
+
+import keras
+
+from capsem import layers as caps_layers
+
+#: Layer names, equal to the article's TF1 variable scopes inside `capsules_em`.
+LAYER_NAMES = ("relu_conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_capsules")
+
+
+def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
+                 input_shape=(28, 28, 1), stable=False, name="capsules_em"):
+    """Builds the article's network: ReLU Conv1 -> PrimaryCaps -> ConvCaps1 -> ConvCaps2 -> Class capsules.
+
+    * relu_conv1: 5x5 convolution, stride 2, SAME padding, A channels, ReLU;
+    * primary_caps: 1x1, B capsule types (4x4 pose + sigmoid activation);
+    * conv_caps1: 3x3, stride 2, C types; conv_caps2: 3x3, stride 1, D types;
+    * class_capsules: one capsule per class, with coordinate addition.
+
+    With the defaults this is the article's (and the paper's small-NORB
+    sized) network for 28x28x1 MNIST. The input is the preprocessed image,
+    `(x - 128) / 128` for uint8 pixels (`capsem.datasets.preprocess_image`).
+
+    Args:
+      num_classes: number of class capsules E.
+      iterations: EM routing iterations of every capsule layer.
+      A: channels of relu_conv1.
+      B: capsule types of primary_caps.
+      C: capsule types of conv_caps1.
+      D: capsule types of conv_caps2.
+      input_shape: `(H, W, channels)` of the input images.
+      stable: guard the unguarded divisions of the article's EM routing
+        (see `capsem.ops.em_routing`); False reproduces the article.
+      name: model name (the article's scope, `capsules_em`).
+
+    Returns:
+      a `keras.Model` mapping images `(N, H, W, channels)` to
+      `(poses (N, E, 4, 4), activations (N, E))`.
+
+    Example:
+    >>> model = capsules_net()
+    >>> [tuple(t.shape) for t in model.outputs]
+    [(None, 10, 4, 4), (None, 10)]
+    """
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
+        raise ValueError(
+            f"input_shape must be (height, width, channels) of positive ints, got {input_shape}")
+    for arg, value in (("num_classes", num_classes), ("A", A), ("B", B), ("C", C), ("D", D)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    height, width = input_shape[:2]
+    # Grid sizes through the network: SAME/2, 1x1, VALID 3/2, VALID 3/1.
+    g1 = (-(-height // 2), -(-width // 2))
+    g2 = tuple((g - 3) // 2 + 1 for g in g1)
+    g3 = tuple(g - 2 for g in g2)
+    if min(g3) < 1:
+        raise ValueError(
+            f"input_shape {input_shape} is too small for the network: the grids would be "
+            f"{g1[0]}x{g1[1]} -> {g2[0]}x{g2[1]} -> {g3[0]}x{g3[1]}; the input needs at "
+            f"least 13 rows and columns")
+
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = keras.layers.Conv2D(A, 5, strides=2, padding="same", activation="relu",
+                            name="relu_conv1")(inputs)  # (N, H/2, W/2, A)
+    caps = caps_layers.PrimaryCaps(B, name="primary_caps")(x)  # (N, 14, 14, B, 4, 4)
+    caps = caps_layers.ConvCaps(C, kernel_size=3, strides=2, iterations=iterations,
+                                stable=stable, name="conv_caps1")(list(caps))  # (N, 6, 6, C, 4, 4)
+    caps = caps_layers.ConvCaps(D, kernel_size=3, strides=1, iterations=iterations,
+                                stable=stable, name="conv_caps2")(list(caps))  # (N, 4, 4, D, 4, 4)
+    poses, activations = caps_layers.ClassCaps(
+        num_classes, iterations=iterations, stable=stable,
+        name="class_capsules")(list(caps))  # (N, E, 4, 4), (N, E)
+    return keras.Model(inputs, [poses, activations], name=name)
+
+
+def conv_article_variables(layer):
+    """TF1 names of a `keras.layers.Conv2D` built like slim.conv2d."""
+    return {"weights": layer.kernel, "biases": layer.bias}
+
+
+def article_variables(model, scope="capsules_em"):
+    """Maps the article's TF1 variable names to the model's variables.
+
+    Args:
+      model: a model from `capsules_net`.
+      scope: the TF1 scope of the network (`capsules_em` in the article's train.py).
+
+    Returns:
+      a dict `{"capsules_em/conv_caps1/votes/w": variable, ...}` in the
+      article's creation order.
+    """
+    prefix = f"{scope}/" if scope else ""
+    names = {}
+    for layer_name in LAYER_NAMES:
+        layer = model.get_layer(layer_name)
+        if isinstance(layer, keras.layers.Conv2D):
+            local = conv_article_variables(layer)
+        else:
+            local = layer.article_variables()
+        for suffix, var in local.items():
+            names[f"{prefix}{layer_name}/{suffix}"] = var
+    return names

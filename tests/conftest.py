@@ -1,0 +1,55 @@
+"""Shared helpers of capsem's tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+GOLDEN = os.path.join(DATA, "golden")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_golden(name):
+    """Loads `tests/data/golden/<name>.npz` as a dict of arrays."""
+    with np.load(os.path.join(GOLDEN, name + ".npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+def golden_weights(d, prefix=""):
+    """`{tf1_name: array}` of a golden file with `variable_names`/`variable_keys`."""
+    return {str(n): d[prefix + str(k)] for n, k in zip(d["variable_names"], d["variable_keys"])}
+
+
+def assert_close(actual, ref, max_rel=1e-5, elem_rel=0.0, what=""):
+    """Asserts |actual - ref| <= max_rel * max|ref| + elem_rel * |ref| element-wise."""
+    actual = np.asarray(actual, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert actual.shape == ref.shape, f"{what}: shape {actual.shape} != reference {ref.shape}"
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
+    bound = max_rel * np.max(np.abs(ref)) + elem_rel * np.abs(ref)
+    err = np.abs(actual - ref)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), (
+        f"{what}: |port - ref| exceeds the bound at {worst}: port {actual[worst]!r}, "
+        f"ref {ref[worst]!r}, diff {err[worst]:.3g}, bound {bound[worst]:.3g} "
+        f"(max relative diff {np.max(err) / np.max(np.abs(ref)):.3g})")
+
+
+def assert_single(actual, ref, what=""):
+    """The golden README's tolerance for single functions."""
+    assert_close(actual, ref, max_rel=1e-5, elem_rel=1e-5, what=what)
+
+
+@pytest.fixture(scope="session")
+def golden():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_golden(name)
+        return cache[name]
+
+    return get
