@@ -1,0 +1,109 @@
+"""Model and training flags of train.py (the article's cap_config.py).
+
+Importing this module defines the flags; `config_from_flags` turns the parsed
+flags into a `capsem.training.TrainConfig` (library code never reads FLAGS).
+"""
+
+import os
+
+from absl import flags
+from absl import logging as _absl_logging  # noqa: F401  (defines --log_dir)
+
+import mnist_config
+
+# --- model ---------------------------------------------------------------
+flags.DEFINE_integer("A", 32, "Channels of ReLU Conv1 (the article: 32).", lower_bound=1)
+flags.DEFINE_integer("B", 32, "Capsule types of PrimaryCaps (the article: 32).", lower_bound=1)
+flags.DEFINE_integer("C", 32, "Capsule types of ConvCaps1 (the article: 32).", lower_bound=1)
+flags.DEFINE_integer("D", 32, "Capsule types of ConvCaps2 (the article: 32).", lower_bound=1)
+flags.DEFINE_integer("iterations", 3, "EM routing iterations of every capsule layer (>= 1).",
+                     lower_bound=1)
+flags.DEFINE_bool(
+    "stable_routing", False,
+    "Guard EM routing's divisions by the summed assignments and by the variance (epsilon "
+    "1e-9), which the article leaves unguarded: keeps losses and gradients finite when a "
+    "parent capsule's votes agree exactly or all activations of a position are 0. Off by "
+    "default, so that training computes exactly the article's numbers.")
+
+# --- training --------------------------------------------------------------
+flags.DEFINE_integer("batch_size", 24, "Training batch size (the article: 24).", lower_bound=1)
+flags.DEFINE_integer("eval_batch_size", 100, "Evaluation batch size.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (the article: 1e-3).")
+flags.DEFINE_float("adam_epsilon", 1e-8,
+                   "Adam epsilon (TF1's AdamOptimizer default 1e-8, which the article uses; "
+                   "Keras' default would be 1e-7).")
+flags.DEFINE_float("clip_norm", 4.0,
+                   "Clip each variable's gradient separately to this L2 norm, as the article's "
+                   "slim train op (clip_gradient_norm=4.0); 0 disables clipping.")
+flags.DEFINE_integer("epochs", 10,
+                     "Stop after this many epochs (0: no limit). The margin reaches 0.9 after "
+                     "7 epochs.", lower_bound=0)
+flags.DEFINE_integer("max_steps", 0, "Stop at this global step (0: no limit).", lower_bound=0)
+flags.DEFINE_integer("seed", 12345, "Seed of the initial weights and of the data order.")
+flags.DEFINE_bool("deterministic", False,
+                  "Make TensorFlow ops deterministic: the same --seed gives bit-identical "
+                  "losses on CPU (slightly slower).")
+flags.DEFINE_integer("micro_batch_size", None,
+                     "Split each batch into micro-batches of this size and sum their "
+                     "gradients (the same gradient with less memory); default: the fast "
+                     "setting of capsem.step.TrainStep.", lower_bound=1)
+flags.DEFINE_bool("jit_compile", True, "Compile the training and evaluation steps with XLA.")
+flags.DEFINE_integer("max_bad_steps", 10,
+                     "Stop with an error after this many consecutive steps with a non-finite "
+                     "loss or gradient (such steps are skipped and counted).", lower_bound=1)
+
+# --- logging, summaries, checkpoints --------------------------------------------
+# absl.logging defines --log_dir already (for log files it only writes when asked to);
+# capsem uses that flag as its run directory, with its own help text.
+flags.FLAGS["log_dir"].help = (
+    "Directory of checkpoints, TensorBoard summaries and the saved flags (config.json) "
+    "(default: logs/<dataset>). Re-running with the same --log_dir resumes.")
+flags.DEFINE_integer("log_every_steps", 10, "Log a progress line every this many steps.",
+                     lower_bound=1)
+flags.DEFINE_float("summary_secs", 60.0, "Write TensorBoard scalars every this many seconds.",
+                   lower_bound=0.0)
+flags.DEFINE_float("histogram_secs", 600.0,
+                   "Write TensorBoard histograms (activations, votes, routing assignments of "
+                   "every capsule layer) every this many seconds.", lower_bound=0.0)
+flags.DEFINE_float("checkpoint_secs", 600.0, "Save a checkpoint every this many seconds.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("keep_checkpoints", 2, "How many recent checkpoints to keep.",
+                     lower_bound=1)
+flags.DEFINE_bool("eval_every_epoch", True,
+                  "Evaluate on the full test set after every epoch.")
+
+
+@flags.validator("learning_rate", message="--learning_rate must be > 0")
+def _positive_lr(value):
+    return value > 0
+
+
+@flags.validator("adam_epsilon", message="--adam_epsilon must be > 0")
+def _positive_eps(value):
+    return value > 0
+
+
+@flags.validator("clip_norm", message="--clip_norm must be >= 0 (0 disables clipping)")
+def _clip(value):
+    return value >= 0
+
+
+def config_from_flags(values):
+    """Builds a `capsem.training.TrainConfig` from parsed flags."""
+    from capsem.training import TrainConfig  # imports TensorFlow: only after parsing
+
+    data_source, dataset_dir = mnist_config.resolve_data_flags(values)
+    return TrainConfig(
+        dataset=values.dataset, data_source=data_source, dataset_dir=dataset_dir,
+        source_dir=values.source_dir if data_source == "tfrecord" else None,
+        log_dir=values.log_dir or os.path.join("logs", values.dataset),
+        batch_size=values.batch_size, eval_batch_size=values.eval_batch_size,
+        iterations=values.iterations, A=values.A, B=values.B, C=values.C, D=values.D,
+        learning_rate=values.learning_rate, adam_epsilon=values.adam_epsilon,
+        clip_norm=values.clip_norm, epochs=values.epochs, max_steps=values.max_steps,
+        seed=values.seed, deterministic=values.deterministic,
+        stable_routing=values.stable_routing, micro_batch_size=values.micro_batch_size,
+        jit_compile=values.jit_compile, log_every_steps=values.log_every_steps,
+        summary_secs=values.summary_secs, histogram_secs=values.histogram_secs,
+        checkpoint_secs=values.checkpoint_secs, keep_checkpoints=values.keep_checkpoints,
+        eval_every_epoch=values.eval_every_epoch, max_bad_steps=values.max_bad_steps)

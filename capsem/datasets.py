@@ -1,0 +1,960 @@
+"""Input pipelines: MNIST IDX files, the article's TFRecords, tensorflow-datasets.
+
+The article ("Understanding Matrix capsules with EM Routing", Jonathan Hui) trains
+on MNIST stored as TFRecords of PNG-encoded images, produced by a
+``download_and_convert_mnist.py`` script, and preprocesses every image as
+``(tf.cast(image, tf.float32) - 128) / 128``. This module provides:
+
+* ``read_idx`` / ``load_mnist_idx``: strict readers of the original MNIST IDX
+  files (gzipped or plain);
+* ``convert_mnist``: the IDX -> TFRecord conversion, atomic and idempotent;
+* ``make_dataset``: batched ``tf.data`` pipelines over those TFRecords, or over
+  tensorflow-datasets' 'mnist', 'fashion_mnist' and 'smallnorb';
+* ``validate_tfrecord``: a full CRC-checked pass over a TFRecord file.
+
+Every problem with the data is raised as a one-line ``capsem.errors.DataError``
+naming the offending file or directory. Only ``download_mnist`` (and
+``convert_mnist(download=True)``, which calls it) touches the network.
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import random
+import secrets
+import shutil
+import struct
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from capsem.errors import DataError
+
+__all__ = [
+    "DatasetInfo",
+    "DATASETS",
+    "DATA_SOURCES",
+    "SPLITS",
+    "DEFAULT_MNIST_DIR",
+    "MNIST_MIRRORS",
+    "get_info",
+    "preprocess_image",
+    "read_idx",
+    "load_mnist_idx",
+    "download_mnist",
+    "convert_mnist",
+    "make_dataset",
+    "validate_tfrecord",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a dataset as the network sees it.
+
+    Attributes:
+      name: the dataset's name (a key of ``DATASETS``, also its tfds name).
+      input_shape: (height, width, channels) of one preprocessed image.
+      num_classes: number of labels (labels are 0 .. num_classes - 1).
+      num_train: number of examples in the 'train' split.
+      num_test: number of examples in the 'test' split.
+    """
+
+    name: str
+    input_shape: tuple
+    num_classes: int
+    num_train: int
+    num_test: int
+
+
+DATASETS = {
+    "mnist": DatasetInfo("mnist", (28, 28, 1), 10, 60000, 10000),
+    "fashion_mnist": DatasetInfo("fashion_mnist", (28, 28, 1), 10, 60000, 10000),
+    "smallnorb": DatasetInfo("smallnorb", (32, 32, 1), 5, 24300, 24300),
+}
+
+DATA_SOURCES = ("tfrecord", "tfds")
+SPLITS = ("train", "test")
+
+# Where download_and_convert_mnist.py writes, and make_dataset reads, the MNIST
+# TFRecords by default: relative to the current directory (the repository root
+# when the tools are run from there; /dataset/ is git-ignored).
+DEFAULT_MNIST_DIR = os.path.join("dataset", "mnist")
+
+# Mirrors of the original MNIST IDX .gz files, tried in order by download_mnist.
+MNIST_MIRRORS = (
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+)
+
+# IDX base names (without .gz) of the images and labels of each split.
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_MNIST_COUNTS = {"train": 60000, "test": 10000}
+_MNIST_SIZE = (28, 28)
+
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+
+_SIDECAR_FORMAT = "capsem-mnist-tfrecord-v1"
+_PROGRESS_EVERY = 10000
+_HASH_CHUNK = 1 << 20
+
+# Preprocessing of smallNORB as in the paper: downsample to 48x48, crop 32x32.
+_SMALLNORB_RESIZED = 48
+_SMALLNORB_CROP = 32
+_SMALLNORB_BRIGHTNESS = 32.0 / 255.0
+_SMALLNORB_CONTRAST = (0.5, 1.5)
+# Second half of the stateless seed pair used for smallNORB augmentation.
+_AUGMENT_SEED_SALT = 20180430
+
+
+def _one_line(text):
+    """Collapses an error text (for example a TF error) into a single line."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+def _first_line(text):
+    """Returns the first non-empty line of an error text."""
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _shape_str(shape):
+    """Formats a shape as a Python tuple, e.g. '(28, 28, 1)'."""
+    return str(tuple(int(d) for d in shape))
+
+
+def get_info(name):
+    """Returns the static description of a dataset.
+
+    Args:
+      name: one of the keys of ``DATASETS`` ('mnist', 'fashion_mnist', 'smallnorb').
+
+    Returns:
+      The dataset's ``DatasetInfo``.
+
+    Raises:
+      DataError: if ``name`` is not a known dataset.
+    """
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        raise DataError(
+            f"unknown dataset {name!r}: accepted names are {', '.join(sorted(DATASETS))}"
+        ) from None
+
+
+def preprocess_image(images_uint8):
+    """The article's image preprocessing: ``(float32(x) - 128) / 128``.
+
+    Maps uint8 pixel values 0 .. 255 to -1 .. 0.9921875 (127/128).
+
+    Args:
+      images_uint8: a uint8 tensor or array of any shape.
+
+    Returns:
+      A float32 tensor of the same shape.
+    """
+    images = tf.cast(images_uint8, tf.float32)
+    return (images - 128.0) / 128.0
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def read_idx(path):
+    """Parses one MNIST IDX file, gzipped or plain.
+
+    The file is a big-endian int32 magic number, 2051 for images (followed by the
+    int32 count, rows and cols) or 2049 for labels (followed by the count), then
+    exactly the announced number of uint8 values.
+
+    Args:
+      path: path of the file; gzip compression is recognised by its content.
+
+    Returns:
+      A uint8 array: (count, rows, cols) for an images file, (count,) for a
+      labels file.
+
+    Raises:
+      DataError: naming the file if it is missing or unreadable, the gzip data is
+        truncated or corrupt, the magic number or header is wrong, or the payload
+        is not exactly as long as the header says.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (expected an MNIST IDX file)") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an MNIST IDX file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {_one_line(e.strerror or e)}") from None
+
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(
+                f"{path}: truncated or corrupt gzip data ({_one_line(e)})"
+            ) from None
+
+    if len(data) < 8:
+        raise DataError(
+            f"{path}: truncated: {len(data)} bytes, an IDX header needs at least 8"
+        )
+    magic, count = struct.unpack(">ii", data[:8])
+    if magic == _IDX_IMAGES_MAGIC:
+        if len(data) < 16:
+            raise DataError(
+                f"{path}: truncated: {len(data)} bytes, an IDX images header needs 16"
+            )
+        rows, cols = struct.unpack(">ii", data[8:16])
+        if count < 0 or rows <= 0 or cols <= 0:
+            raise DataError(
+                f"{path}: bad IDX header: {count} images of {rows}x{cols}"
+            )
+        expected = count * rows * cols
+        payload = len(data) - 16
+        if payload != expected:
+            what = "truncated" if payload < expected else "trailing data"
+            raise DataError(
+                f"{path}: {what}: header says {count} images of {rows}x{cols} "
+                f"({expected} bytes of pixels), file holds {payload} bytes of pixels"
+            )
+        return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols).copy()
+    if magic == _IDX_LABELS_MAGIC:
+        if count < 0:
+            raise DataError(f"{path}: bad IDX header: {count} labels")
+        payload = len(data) - 8
+        if payload != count:
+            what = "truncated" if payload < count else "trailing data"
+            raise DataError(
+                f"{path}: {what}: header says {count} labels, file holds {payload} bytes of labels"
+            )
+        return np.frombuffer(data, dtype=np.uint8, offset=8).copy()
+    raise DataError(
+        f"{path}: bad magic number {magic} (0x{magic & 0xFFFFFFFF:08x}): expected "
+        f"{_IDX_IMAGES_MAGIC} (IDX images) or {_IDX_LABELS_MAGIC} (IDX labels)"
+    )
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: accepted splits are {', '.join(SPLITS)}")
+
+
+def _find_idx_file(source_dir, base):
+    """Returns the path of ``base`` + '.gz' in source_dir, or of ``base`` if only it exists."""
+    gz = os.path.join(source_dir, base + ".gz")
+    plain = os.path.join(source_dir, base)
+    if not os.path.exists(gz) and os.path.exists(plain):
+        return plain
+    return gz
+
+
+def _source_paths(source_dir, split):
+    """Returns the (images, labels) IDX paths of a split in source_dir."""
+    return tuple(_find_idx_file(source_dir, base) for base in _MNIST_FILES[split])
+
+
+def _resolve_count(split, expected_count):
+    """Returns the expected number of examples, or None for 'any count'."""
+    if expected_count is False:
+        return None
+    if expected_count is None:
+        return _MNIST_COUNTS[split]
+    if isinstance(expected_count, bool) or not isinstance(expected_count, (int, np.integer)):
+        raise DataError(
+            f"expected_count for split {split!r} must be None, False or a positive int, "
+            f"got {expected_count!r}"
+        )
+    if expected_count <= 0:
+        raise DataError(
+            f"expected_count for split {split!r} must be positive, got {expected_count}"
+        )
+    return int(expected_count)
+
+
+def load_mnist_idx(source_dir, split, expected_count=None):
+    """Reads and checks the MNIST images and labels of one split from IDX files.
+
+    Looks for ``train-images-idx3-ubyte.gz`` / ``train-labels-idx1-ubyte.gz``
+    (split 'train') or ``t10k-images-idx3-ubyte.gz`` / ``t10k-labels-idx1-ubyte.gz``
+    (split 'test') in ``source_dir``, or the same names without ``.gz``.
+
+    Args:
+      source_dir: directory holding the IDX files.
+      split: 'train' or 'test'.
+      expected_count: None for the standard count of the split (60000 or 10000),
+        a positive int for another exact count (small generated files), or False
+        to accept any count.
+
+    Returns:
+      (images, labels): uint8 array (N, 28, 28, 1) and int64 array (N,).
+
+    Raises:
+      DataError: naming the file if a file is missing or malformed, is of the
+        wrong kind, holds images that are not 28x28, holds the wrong number of
+        examples, or holds a label outside 0..9.
+    """
+    _check_split(split)
+    count = _resolve_count(split, expected_count)
+    source_dir = os.fspath(source_dir)
+    images_path, labels_path = _source_paths(source_dir, split)
+
+    images = read_idx(images_path)
+    if images.ndim != 3:
+        raise DataError(
+            f"{images_path}: is an IDX labels file (magic {_IDX_LABELS_MAGIC}), "
+            f"expected IDX images (magic {_IDX_IMAGES_MAGIC})"
+        )
+    if images.shape[1:] != _MNIST_SIZE:
+        raise DataError(
+            f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
+            f"expected {_MNIST_SIZE[0]}x{_MNIST_SIZE[1]}"
+        )
+    if count is not None and images.shape[0] != count:
+        raise DataError(
+            f"{images_path}: holds {images.shape[0]} images, expected {count} for the "
+            f"{split} split"
+        )
+
+    labels = read_idx(labels_path)
+    if labels.ndim != 1:
+        raise DataError(
+            f"{labels_path}: is an IDX images file (magic {_IDX_IMAGES_MAGIC}), "
+            f"expected IDX labels (magic {_IDX_LABELS_MAGIC})"
+        )
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(
+            f"{labels_path}: holds {labels.shape[0]} labels, expected {images.shape[0]} "
+            f"(the number of images in {os.path.basename(images_path)})"
+        )
+    num_classes = DATASETS["mnist"].num_classes
+    if labels.size and int(labels.max()) >= num_classes:
+        bad = int(np.argmax(labels >= num_classes))
+        raise DataError(
+            f"{labels_path}: label {int(labels[bad])} at index {bad} is out of range, "
+            f"expected 0..{num_classes - 1}"
+        )
+    return images[..., np.newaxis], labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------- download
+
+
+def download_mnist(source_dir, *, mirrors=MNIST_MIRRORS, progress=None, timeout=60):
+    """Fetches the four MNIST IDX .gz files into source_dir, skipping present ones.
+
+    Each file is downloaded to a temporary file, checked with ``read_idx`` and
+    then moved into place; the mirrors are tried in order.
+
+    Args:
+      source_dir: directory to write into (created if missing).
+      mirrors: base URLs ending with '/', tried in order for each file.
+      progress: callable taking one line of text; default ``logging.info``.
+      timeout: seconds to wait on each connection.
+
+    Returns:
+      The list of paths that were downloaded (empty if all files were present).
+
+    Raises:
+      DataError: if a file could not be fetched from any mirror, saying which
+        URLs were tried.
+    """
+    log = progress or logging.info
+    source_dir = os.fspath(source_dir)
+    try:
+        os.makedirs(source_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{source_dir}: cannot create directory: {_one_line(e)}") from None
+    fetched = []
+    for split in SPLITS:
+        for base in _MNIST_FILES[split]:
+            name = base + ".gz"
+            dest = os.path.join(source_dir, name)
+            if os.path.exists(dest) or os.path.exists(os.path.join(source_dir, base)):
+                continue
+            failures = []
+            for mirror in mirrors:
+                url = mirror + name
+                log(f"downloading {url}")
+                fd, tmp = _create_temp(source_dir, name)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        with urllib.request.urlopen(url, timeout=timeout) as response:
+                            shutil.copyfileobj(response, out)
+                    read_idx(tmp)
+                    os.replace(tmp, dest)
+                except (urllib.error.URLError, OSError, ValueError) as e:
+                    _remove_quietly(tmp)
+                    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+                    failures.append(f"{url} ({_one_line(reason)})")
+                    continue
+                except BaseException:
+                    _remove_quietly(tmp)
+                    raise
+                fetched.append(dest)
+                break
+            else:
+                raise DataError(
+                    f"could not download {name}: tried {'; '.join(failures) or 'no mirror'}; "
+                    f"copy the four MNIST IDX .gz files into a directory and pass it with "
+                    f"--source_dir"
+                )
+    return fetched
+
+
+# ----------------------------------------------------------------------- convert
+
+
+def _create_temp(directory, name):
+    """Creates a new hidden temporary file for ``name`` in directory.
+
+    Unlike tempfile.mkstemp, the file gets the usual permissions (0666 less the
+    umask), so the file renamed into place is readable like any other output.
+
+    Returns:
+      (open file descriptor for writing, path).
+    """
+    while True:
+        path = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # pragma: no cover - only on odd file systems
+        logging.warning("could not remove %s: %s", path, e)
+
+
+def _file_digest(path):
+    """Returns (size in bytes, sha256 hex digest) of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_HASH_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            h.update(chunk)
+    return size, h.hexdigest()
+
+
+def _sources_record(paths):
+    """Sidecar description of the source files: {basename: {size, sha256}}."""
+    record = {}
+    for path in paths:
+        size, digest = _file_digest(path)
+        record[os.path.basename(path)] = {"size": size, "sha256": digest}
+    return record
+
+
+def _sidecar_path(tfrecord_path):
+    return tfrecord_path + ".json"
+
+
+def _write_json_atomically(path, obj):
+    directory = os.path.dirname(path) or "."
+    fd, tmp = _create_temp(directory, os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _existing_output(tfrecord_path, split, sources, count):
+    """Returns the record count of a valid existing output, else None.
+
+    Valid means: the sidecar exists and parses, describes this split, its record
+    count matches ``count`` (unless None), the TFRecord file's size and sha256
+    match the sidecar, and the source files (when present) match it too.
+    """
+    sidecar = _sidecar_path(tfrecord_path)
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    try:
+        if meta.get("format") != _SIDECAR_FORMAT or meta.get("split") != split:
+            return None
+        num_records = int(meta["num_records"])
+        if count is not None and num_records != count:
+            return None
+        if not os.path.isfile(tfrecord_path):
+            return None
+        if os.path.getsize(tfrecord_path) != meta["tfrecord"]["size"]:
+            return None
+        if _file_digest(tfrecord_path) != (meta["tfrecord"]["size"], meta["tfrecord"]["sha256"]):
+            return None
+        if all(os.path.isfile(p) for p in sources):
+            if _sources_record(sources) != meta["sources"]:
+                return None
+        elif any(os.path.isfile(p) for p in sources):
+            return None
+        # else: no source files at all; the output still matches its own record.
+    except (KeyError, TypeError, ValueError, AttributeError, OSError):
+        return None
+    return num_records
+
+
+def _encode_pngs(images):
+    """Yields the PNG encodings of uint8 images (N, H, W, 1), in order."""
+    if images.shape[0] == 0:
+        return
+    ds = tf.data.Dataset.from_tensor_slices(images)
+    ds = ds.map(tf.io.encode_png, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
+    for batch in ds.as_numpy_iterator():
+        yield from batch
+
+
+def _example(png, label, height, width):
+    """The article's tf.train.Example for one PNG-encoded image."""
+    feature = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+        "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"png"])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+        "image/height": tf.train.Feature(int64_list=tf.train.Int64List(value=[height])),
+        "image/width": tf.train.Feature(int64_list=tf.train.Int64List(value=[width])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def _write_split(images, labels, tfrecord_path, split, sources_record, log):
+    """Writes one split's TFRecord atomically, then its sidecar."""
+    directory = os.path.dirname(tfrecord_path) or "."
+    name = os.path.basename(tfrecord_path)
+    _remove_quietly(_sidecar_path(tfrecord_path))
+    fd, tmp = _create_temp(directory, name)
+    os.close(fd)
+    n = int(images.shape[0])
+    height, width = int(images.shape[1]), int(images.shape[2])
+    try:
+        written = 0
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for png, label in zip(_encode_pngs(images), labels):
+                writer.write(_example(png, label, height, width).SerializeToString())
+                written += 1
+                if written % _PROGRESS_EVERY == 0 and written < n:
+                    log(f"{split}: converted {written}/{n} images")
+        if written != n:  # pragma: no cover - defensive
+            raise DataError(f"{tfrecord_path}: wrote {written} records, expected {n}")
+        log(f"{split}: converted {n}/{n} images")
+        size, digest = _file_digest(tmp)
+        os.replace(tmp, tfrecord_path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _write_json_atomically(
+        _sidecar_path(tfrecord_path),
+        {
+            "format": _SIDECAR_FORMAT,
+            "split": split,
+            "num_records": n,
+            "image_shape": [height, width, 1],
+            "tfrecord": {"size": size, "sha256": digest},
+            "sources": sources_record,
+        },
+    )
+
+
+def _normalize_expected_counts(expected_counts):
+    """Returns {split: count or None (any count)} from convert_mnist's argument."""
+    if expected_counts is None:
+        return dict(_MNIST_COUNTS)
+    if expected_counts is False:
+        return {split: None for split in SPLITS}
+    if isinstance(expected_counts, dict):
+        unknown = set(expected_counts) - set(SPLITS)
+        if unknown:
+            raise DataError(
+                f"expected_counts has unknown splits {sorted(unknown)}: accepted keys are "
+                f"{', '.join(SPLITS)}"
+            )
+        return {s: _resolve_count(s, expected_counts.get(s)) for s in SPLITS}
+    if isinstance(expected_counts, (tuple, list)) and len(expected_counts) == len(SPLITS):
+        return {s: _resolve_count(s, c) for s, c in zip(SPLITS, expected_counts)}
+    raise DataError(
+        f"expected_counts must be None, False, a (train, test) pair or a dict with keys "
+        f"train/test, got {expected_counts!r}"
+    )
+
+
+def convert_mnist(source_dir, dataset_dir, *, expected_counts=None, download=False, progress=None):
+    """Converts the MNIST IDX files to the article's TFRecords.
+
+    Writes ``mnist_train.tfrecord`` and ``mnist_test.tfrecord`` into dataset_dir,
+    one ``tf.train.Example`` per image in IDX order with the features
+    ``image/encoded`` (PNG of the 28x28x1 uint8 image), ``image/format`` (b'png'),
+    ``image/class/label``, ``image/height`` and ``image/width`` (int64). Each
+    file is written to a temporary file in dataset_dir and renamed into place
+    when complete, then a JSON sidecar (``<file>.json``) records its record
+    count, size and sha256 and the source files' sizes and sha256. A split whose
+    output matches its sidecar (and whose sources match it) is not rewritten.
+    All inputs to be converted are read and checked before anything is written.
+
+    Args:
+      source_dir: directory holding the four IDX files (``.gz`` or plain).
+      dataset_dir: output directory, created if missing.
+      expected_counts: None for the standard counts (60000 train, 10000 test);
+        a (train, test) pair or a dict {'train': n, 'test': m} of exact counts
+        (None in it means standard, False any); or False to accept any count.
+      download: fetch missing IDX files into source_dir first (``download_mnist``).
+      progress: callable taking one line of text, called with progress and
+        status lines; default ``logging.info``.
+
+    Returns:
+      {'train': path, 'test': path} of the TFRecord files.
+
+    Raises:
+      DataError: on any problem with the inputs (one line naming the file) or
+        when dataset_dir cannot be created.
+    """
+    log = progress or logging.info
+    counts = _normalize_expected_counts(expected_counts)
+    source_dir = os.fspath(source_dir)
+    dataset_dir = os.fspath(dataset_dir)
+    if download:
+        download_mnist(source_dir, progress=log)
+    if os.path.exists(dataset_dir) and not os.path.isdir(dataset_dir):
+        raise DataError(f"{dataset_dir}: exists and is not a directory")
+    try:
+        os.makedirs(dataset_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dataset_dir}: cannot create directory: {_one_line(e)}") from None
+
+    outputs = {}
+    todo = []
+    for split in SPLITS:
+        path = os.path.join(dataset_dir, f"mnist_{split}.tfrecord")
+        outputs[split] = path
+        existing = _existing_output(path, split, _source_paths(source_dir, split), counts[split])
+        if existing is None:
+            todo.append(split)
+        else:
+            log(f"{split}: valid output already exists: {path} ({existing} images)")
+
+    # Read and check every input before writing anything.
+    loaded = {}
+    for split in todo:
+        log(f"{split}: reading IDX files from {source_dir}")
+        images, labels = load_mnist_idx(source_dir, split, expected_count=(
+            False if counts[split] is None else counts[split]))
+        loaded[split] = (images, labels, _sources_record(_source_paths(source_dir, split)))
+
+    for split in todo:
+        images, labels, sources = loaded.pop(split)
+        _write_split(images, labels, outputs[split], split, sources, log)
+        log(f"{split}: wrote {outputs[split]} ({images.shape[0]} images)")
+    return outputs
+
+
+# ---------------------------------------------------------------------- TFRecord
+
+_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def _parse_record(serialized):
+    """Parses one serialized Example into (uint8 image (H, W, 1), int64 label)."""
+    parsed = tf.io.parse_single_example(serialized, _FEATURES)
+    image = tf.io.decode_png(parsed["image/encoded"], channels=1)
+    return image, parsed["image/class/label"]
+
+
+def validate_tfrecord(path, expected_shape=None):
+    """Reads a whole TFRecord file, checking every record's CRC.
+
+    Args:
+      path: the TFRecord file.
+      expected_shape: if given, every record is also parsed as an image Example
+        and its decoded image must have this (height, width, channels) shape.
+
+    Returns:
+      The number of records.
+
+    Raises:
+      DataError: naming the file if it is missing, corrupt or truncated, if a
+        record is not an image Example, or if an image's shape differs from
+        expected_shape (naming both shapes).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such TFRecord file")
+    ds = tf.data.TFRecordDataset(path)
+    count = 0
+    try:
+        if expected_shape is None:
+            for batch in ds.batch(4096):
+                count += int(batch.shape[0])
+        else:
+            expected = tuple(int(d) for d in expected_shape)
+            shapes = ds.map(lambda r: tf.shape(_parse_record(r)[0]),
+                            num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+            for batch in shapes.as_numpy_iterator():
+                if batch.shape[1] != len(expected):
+                    bad = np.zeros(batch.shape[0], dtype=bool)
+                    bad[0] = True
+                else:
+                    bad = np.any(batch != np.asarray(expected), axis=1)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise DataError(
+                        f"{path}: record {count + i} holds an image of shape "
+                        f"{_shape_str(batch[i])}, expected {_shape_str(expected)}"
+                    )
+                count += int(batch.shape[0])
+    except tf.errors.DataLossError as e:
+        raise DataError(
+            f"{path}: corrupt or truncated TFRecord file after about {count} good records "
+            f"({_first_line(e.message)})"
+        ) from None
+    except tf.errors.InvalidArgumentError as e:
+        raise DataError(
+            f"{path}: a record after about {count} good records is not an image Example "
+            f"({_first_line(e.message)})"
+        ) from None
+    except tf.errors.OpError as e:
+        raise DataError(f"{path}: cannot read: {_first_line(e.message)}") from None
+    return count
+
+
+def _mnist_tfrecord_path(dataset_dir, split):
+    """Returns the checked path of mnist_{split}.tfrecord in dataset_dir."""
+    directory = os.fspath(dataset_dir) if dataset_dir is not None else DEFAULT_MNIST_DIR
+    hint = f"run `python download_and_convert_mnist.py --dataset_dir={directory}`"
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory}: dataset directory does not exist; {hint}")
+    if not os.listdir(directory):
+        raise DataError(f"{directory}: dataset directory is empty; {hint}")
+    path = os.path.join(directory, f"mnist_{split}.tfrecord")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; {hint}")
+    return path
+
+
+def _check_first_record(path, expected_shape):
+    """Decodes the first record of a TFRecord file and checks its image shape."""
+    try:
+        first = None
+        for serialized in tf.data.TFRecordDataset(path).take(1):
+            first = _parse_record(serialized)[0]
+    except tf.errors.OpError as e:
+        raise DataError(
+            f"{path}: cannot read the first record as an image Example ({_first_line(e.message)})"
+        ) from None
+    if first is None:
+        raise DataError(
+            f"{path}: holds no records; run `python download_and_convert_mnist.py` again"
+        )
+    if tuple(first.shape) != tuple(expected_shape):
+        raise DataError(
+            f"{path}: images have shape {_shape_str(first.shape)}, expected "
+            f"{_shape_str(expected_shape)}"
+        )
+
+
+def _checked_image(image, expected_shape, path):
+    """Asserts in-graph that a decoded image has the expected shape."""
+    expected = tf.constant(expected_shape, dtype=tf.int32)
+    shape = tf.shape(image, out_type=tf.int32)
+    ok = tf.reduce_all(tf.equal(shape, expected)) if len(expected_shape) else True
+    ok = tf.logical_and(tf.equal(tf.size(shape), len(expected_shape)), ok)
+    check = tf.debugging.Assert(
+        ok,
+        [f"{path}: decoded image shape differs from the expected {_shape_str(expected_shape)}:",
+         shape],
+        summarize=8,
+    )
+    with tf.control_dependencies([check]):
+        image = tf.identity(image)
+    return tf.ensure_shape(image, expected_shape)
+
+
+def _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size):
+    if info.name != "mnist":
+        raise DataError(
+            f"dataset {info.name!r} has no TFRecord converter: use data_source='tfds' "
+            f"(data_source='tfrecord' supports only 'mnist')"
+        )
+    path = _mnist_tfrecord_path(dataset_dir, split)
+    _check_first_record(path, info.input_shape)
+    ds = tf.data.TFRecordDataset(path)
+    if training:
+        ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+
+    def decode(serialized):
+        image, label = _parse_record(serialized)
+        image = _checked_image(image, info.input_shape, path)
+        return preprocess_image(image), tf.cast(label, tf.int32)
+
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# -------------------------------------------------------------------------- tfds
+
+
+def _smallnorb_image(image, training, seed_pair):
+    """The paper's smallNORB preprocessing of one uint8 (96, 96, 1) image."""
+    x = tf.image.resize(tf.cast(image, tf.float32),
+                        [_SMALLNORB_RESIZED, _SMALLNORB_RESIZED],
+                        method=tf.image.ResizeMethod.BILINEAR, antialias=True)
+    x = x / 255.0
+    if training:
+        seeds = tf.random.experimental.stateless_split(seed_pair, num=3)
+        x = tf.image.stateless_random_crop(x, [_SMALLNORB_CROP, _SMALLNORB_CROP, 1], seed=seeds[0])
+        x = tf.image.stateless_random_brightness(x, _SMALLNORB_BRIGHTNESS, seed=seeds[1])
+        x = tf.image.stateless_random_contrast(x, *_SMALLNORB_CONTRAST, seed=seeds[2])
+    else:
+        offset = (_SMALLNORB_RESIZED - _SMALLNORB_CROP) // 2
+        x = x[offset:offset + _SMALLNORB_CROP, offset:offset + _SMALLNORB_CROP, :]
+    x = tf.image.per_image_standardization(x)
+    return tf.ensure_shape(x, (_SMALLNORB_CROP, _SMALLNORB_CROP, 1))
+
+
+def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size):
+    import tensorflow_datasets as tfds  # slow to import: only when asked for
+
+    where = os.fspath(dataset_dir) if dataset_dir is not None else os.environ.get(
+        "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+    not_found = (AssertionError, FileNotFoundError, tf.errors.NotFoundError,
+                 tfds.core.DatasetNotFoundError)
+    try:
+        ds = tfds.load(info.name, split=split, data_dir=dataset_dir, download=False)
+    except not_found as e:
+        raise DataError(
+            f"{where}: no prepared tensorflow-datasets data for {info.name!r} "
+            f"(tfds cannot download here); prepare it where there is network access with "
+            f"`tfds build {info.name} --data_dir=DIR`, copy DIR here and pass it as the "
+            f"dataset directory ({_first_line(e)})"
+        ) from None
+
+    label_key = "label_category" if info.name == "smallnorb" else "label"
+    ds = ds.map(lambda ex: (ex["image"], ex[label_key]))
+    if training:
+        ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+
+    if info.name == "smallnorb":
+        if training:
+            base = tf.constant([seed, _AUGMENT_SEED_SALT], dtype=tf.int64)
+
+            def augment(index, example):
+                image, label = example
+                pair = tf.random.experimental.stateless_fold_in(base, index)
+                return _smallnorb_image(image, True, pair), tf.cast(label, tf.int32)
+
+            return ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+        def centre(image, label):
+            return _smallnorb_image(image, False, None), tf.cast(label, tf.int32)
+
+        return ds.map(centre, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def decode(image, label):
+        image = tf.ensure_shape(image, info.input_shape)
+        return preprocess_image(image), tf.cast(label, tf.int32)
+
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------ make_dataset
+
+
+def _check_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise DataError(f"{name} must be a positive int, got {value!r}")
+
+
+def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch_size=24,
+                 training=False, seed=None, shuffle_buffer=None, drop_remainder=False):
+    """Builds the batched input pipeline of a dataset split.
+
+    'tfrecord' (MNIST only) reads ``dataset_dir/mnist_{split}.tfrecord`` as written
+    by ``convert_mnist``; 'tfds' reads tensorflow-datasets' prepared data from
+    ``dataset_dir`` (tfds' default data directory when None) without downloading.
+    MNIST and Fashion-MNIST images get the article's ``preprocess_image``;
+    smallNORB images are resized to 48x48, then randomly cropped to 32x32 with
+    random brightness and contrast (training) or centre-cropped (test), and
+    standardised per image.
+
+    When training, the whole split (or ``shuffle_buffer`` examples) is shuffled
+    with ``seed`` and ``reshuffle_each_iteration=False``, so a given seed always
+    yields the same order (pass a different seed per epoch; resume with
+    ``.skip(k)``). All ops are deterministic.
+
+    Args:
+      name: 'mnist', 'fashion_mnist' or 'smallnorb'.
+      split: 'train' or 'test'.
+      dataset_dir: directory of the TFRecords or of tfds' data; for 'tfrecord'
+        None means ``DEFAULT_MNIST_DIR``.
+      data_source: 'tfrecord' or 'tfds'.
+      batch_size: examples per batch.
+      training: shuffle (and, for smallNORB, augment) the data.
+      seed: shuffle (and augmentation) seed; None draws a random one.
+      shuffle_buffer: shuffle buffer size; None means the split's size.
+      drop_remainder: drop a last batch smaller than batch_size.
+
+    Returns:
+      A ``tf.data.Dataset`` of (images float32 (B, H, W, C), labels int32 (B,)).
+
+    Raises:
+      DataError: for an unknown name, split or data source, a bad argument, or
+        missing, empty, corrupt or wrongly shaped data (naming the path).
+    """
+    info = get_info(name)
+    if data_source not in DATA_SOURCES:
+        raise DataError(
+            f"unknown data source {data_source!r}: accepted sources are {', '.join(DATA_SOURCES)}"
+        )
+    _check_split(split)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("shuffle_buffer", shuffle_buffer, allow_none=True)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise DataError(f"seed must be None or an int, got {seed!r}")
+    if seed is None and training and info.name == "smallnorb":
+        seed = random.SystemRandom().randrange(2**31)
+    if seed is not None:
+        seed = int(seed)
+    buffer_size = shuffle_buffer or (info.num_train if split == "train" else info.num_test)
+
+    if data_source == "tfrecord":
+        if info.name == "smallnorb":
+            raise DataError(
+                "smallnorb is not available as TFRecords: use data_source='tfds' "
+                "(tensorflow-datasets' 'smallnorb')"
+            )
+        ds = _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size)
+    else:
+        ds = _tfds_examples(info, split, dataset_dir, training, seed, buffer_size)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,132 @@
+"""The training step of the article's train.py, as one compiled TensorFlow function.
+
+One step = forward pass, spread loss with the article's margin schedule, the
+gradient through all EM iterations, per-variable gradient clipping (tf-slim's
+`clip_gradient_norm`, i.e. `tf.clip_by_norm` on each gradient separately) and
+an Adam update with TF1's epsilon 1e-8.
+
+Because the spread loss is a sum over the batch and no layer mixes examples,
+the batch can be processed in micro-batches whose gradients are summed: the
+result is the same gradient (up to float rounding) with a fraction of the
+memory. A step whose loss or gradients are not finite is not applied: the
+weights and the optimizer state stay as they were, and the step is counted.
+"""
+
+import keras
+import tensorflow as tf
+
+from capsem import losses
+
+#: TF1 `tf.train.AdamOptimizer`'s default epsilon (Keras' default is 1e-7).
+TF1_ADAM_EPSILON = 1e-8
+
+
+def make_optimizer(learning_rate=1e-3, epsilon=TF1_ADAM_EPSILON):
+    """The article's optimizer: Adam, lr 1e-3, beta1 0.9, beta2 0.999, epsilon 1e-8."""
+    return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999,
+                                 epsilon=epsilon)
+
+
+def clip_per_variable(grads, clip_norm):
+    """Clips each gradient to L2 norm `clip_norm` separately (tf-slim `clip_gradient_norms`)."""
+    if clip_norm is None or clip_norm <= 0:
+        return list(grads)
+    return [tf.clip_by_norm(g, clip_norm) for g in grads]
+
+
+class TrainStep:
+    """A compiled training step of the article's network.
+
+    Args:
+      model: the network (`capsem.nets.capsules_net`), outputs `(poses, activations)`.
+      optimizer: a Keras optimizer (see `make_optimizer`); it is built here.
+      iterations_per_epoch: steps per epoch of the margin schedule (the
+        article: `num_samples // batch_size`).
+      clip_norm: per-variable gradient clipping norm (the article: 4.0); 0 or
+        None disables clipping.
+      micro_batch_size: split each batch into chunks of at most this many
+        examples and sum their gradients (same result, less memory); None
+        processes the whole batch at once.
+      jit_compile: compile the step with XLA.
+      global_step: an int64 `tf.Variable` counting attempted steps (the
+        article's `global_step`, which drives the margin); created if None.
+
+    Calling the step with `(images (N, H, W, C) float32, labels (N,) int)`
+    returns a dict of scalar tensors: `loss` (summed over the batch, the
+    article's loss), `margin`, `correct` (number of correct predictions),
+    `grad_norm` (global norm before clipping) and `finite` (False if the step
+    was skipped because the loss or a gradient was NaN or infinite).
+    """
+
+    def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
+                 micro_batch_size=None, jit_compile=True, global_step=None):
+        if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
+                                             or micro_batch_size < 1):
+            raise ValueError(f"micro_batch_size must be a positive int or None, "
+                             f"got {micro_batch_size!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.iterations_per_epoch = int(iterations_per_epoch)
+        self.clip_norm = clip_norm
+        self.micro_batch_size = micro_batch_size
+        self.jit_compile = jit_compile
+        self.global_step = global_step if global_step is not None else tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="global_step")
+        self.variables = list(model.trainable_variables)
+        optimizer.build(self.variables)
+        self._step = tf.function(self._train_step, jit_compile=jit_compile)
+        self._grads = tf.function(self._loss_and_grads, jit_compile=jit_compile)
+
+    def _chunks(self, images, labels):
+        size = images.shape[0]
+        if size is None or self.micro_batch_size is None or size <= self.micro_batch_size:
+            return [(images, labels)]
+        return [(images[s:s + self.micro_batch_size], labels[s:s + self.micro_batch_size])
+                for s in range(0, size, self.micro_batch_size)]
+
+    def _loss_and_grads(self, images, labels, margin):
+        """Loss, correct count and gradients of the summed spread loss over micro-batches."""
+        total_loss = tf.constant(0.0)
+        correct = tf.constant(0, tf.int32)
+        grads = None
+        for x, y in self._chunks(images, labels):
+            with tf.GradientTape() as tape:
+                _, activations = self.model(x, training=True)
+                loss = losses.spread_loss_from_labels(y, activations, margin)
+            chunk_grads = tape.gradient(loss, self.variables)
+            grads = chunk_grads if grads is None else [a + b for a, b in zip(grads, chunk_grads)]
+            total_loss += loss
+            pred = tf.argmax(activations, axis=-1, output_type=tf.int32)
+            correct += tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.int32))
+        return total_loss, correct, grads
+
+    def _train_step(self, images, labels):
+        margin = losses.margin_schedule(self.global_step, self.iterations_per_epoch)
+        loss, correct, grads = self._loss_and_grads(images, labels, margin)
+        finite = tf.math.is_finite(loss)
+        for g in grads:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
+        grad_norm = tf.linalg.global_norm(grads)
+
+        def apply():
+            self.optimizer.apply(clip_per_variable(grads, self.clip_norm), self.variables)
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        self.global_step.assign_add(1)
+        return {"loss": loss, "margin": margin, "correct": correct,
+                "grad_norm": grad_norm, "finite": finite}
+
+    def __call__(self, images, labels):
+        return self._step(tf.convert_to_tensor(images, tf.float32),
+                          tf.convert_to_tensor(labels))
+
+    def loss_and_grads(self, images, labels, margin):
+        """The loss and raw (unclipped) gradients, without updating anything."""
+        return self._grads(tf.convert_to_tensor(images, tf.float32),
+                           tf.convert_to_tensor(labels), tf.constant(margin, tf.float32))
+
+
+def make_eval_step(model, jit_compile=True):
+    """A compiled inference function: images -> (poses, activations)."""
+    return tf.function(lambda images: model(images, training=False), jit_compile=jit_compile)

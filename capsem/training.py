@@ -1,0 +1,625 @@
+"""Training and evaluation loops behind train.py.
+
+`train(config)` trains the article's network the way the article's train.py
+does (spread loss with the piecewise margin, Adam 1e-3 with TF1's epsilon,
+per-variable gradient clipping at 4.0, batch 24), and adds what the article
+lacks: evaluation on the test set after every epoch, resumable checkpoints
+(weights, optimizer state, global step and therefore margin and data
+position), TensorBoard summaries, a progress line, a guard against
+non-finite steps and a clean stop on SIGINT / SIGTERM.
+
+`evaluate(config)` evaluates a checkpoint on the test set (accuracy, loss,
+confusion matrix).
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from capsem import datasets, diagnostics, losses, nets
+from capsem import step as step_lib
+from capsem.errors import CheckpointError, ConfigError, DataError, TrainingError
+
+#: Config fields that define the model's variables: a log_dir holding a
+#: checkpoint made with other values cannot be resumed.
+ARCHITECTURE_KEYS = ("dataset", "A", "B", "C", "D")
+
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training or evaluation run needs (the flags of train.py).
+
+    Attributes:
+      dataset: 'mnist', 'fashion_mnist' or 'smallnorb'.
+      data_source: 'tfrecord' (the article's MNIST TFRecords) or 'tfds'.
+      dataset_dir: directory of the TFRecords (or tfds' data_dir).
+      source_dir: directory of the MNIST IDX .gz files the TFRecords are made
+        from on first use (None: do not convert).
+      log_dir: checkpoints, summaries and the saved config go here.
+      batch_size: training batch size (the article: 24).
+      eval_batch_size: batch size of evaluation.
+      iterations: EM routing iterations.
+      A, B, C, D: channels of relu_conv1 and capsule types of primary_caps,
+        conv_caps1 and conv_caps2.
+      learning_rate: Adam learning rate.
+      adam_epsilon: Adam epsilon (TF1's AdamOptimizer: 1e-8).
+      clip_norm: per-variable gradient clipping norm (0 disables).
+      epochs: stop after this many epochs (0: no limit).
+      max_steps: stop at this global step (0: no limit).
+      seed: seed of the weights and of the data order.
+      deterministic: make TensorFlow ops deterministic (bit-identical reruns).
+      stable_routing: guard EM routing's divisions (see capsem.ops.em_routing).
+      micro_batch_size: gradient micro-batch size (None: TrainStep's default).
+      jit_compile: compile the training and evaluation steps with XLA.
+      log_every_steps: a log line every this many steps.
+      summary_secs: write TensorBoard scalars at most this often (0: every step).
+      histogram_secs: write histograms at most this often (0: every summary).
+      checkpoint_secs: save a checkpoint at most this often (0: every step).
+      keep_checkpoints: how many checkpoints to keep.
+      eval_every_epoch: evaluate on the test set after every epoch.
+      max_bad_steps: stop after this many consecutive non-finite steps.
+    """
+
+    dataset: str = "mnist"
+    data_source: str = "tfrecord"
+    dataset_dir: str = datasets.DEFAULT_MNIST_DIR
+    source_dir: str = None
+    log_dir: str = os.path.join("logs", "mnist")
+    batch_size: int = 24
+    eval_batch_size: int = 100
+    iterations: int = 3
+    A: int = 32
+    B: int = 32
+    C: int = 32
+    D: int = 32
+    learning_rate: float = 1e-3
+    adam_epsilon: float = step_lib.TF1_ADAM_EPSILON
+    clip_norm: float = 4.0
+    epochs: int = 10
+    max_steps: int = 0
+    seed: int = 12345
+    deterministic: bool = False
+    stable_routing: bool = False
+    micro_batch_size: int = None
+    jit_compile: bool = True
+    log_every_steps: int = 10
+    summary_secs: float = 60.0
+    histogram_secs: float = 600.0
+    checkpoint_secs: float = 600.0
+    keep_checkpoints: int = 2
+    eval_every_epoch: bool = True
+    max_bad_steps: int = 10
+
+    def validate(self):
+        """Raises ConfigError with a one-line message for an invalid value."""
+        try:
+            datasets.get_info(self.dataset)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        if self.data_source not in datasets.DATA_SOURCES:
+            raise ConfigError(f"data_source must be one of {', '.join(datasets.DATA_SOURCES)}, "
+                              f"got {self.data_source!r}")
+        for name in ("batch_size", "eval_batch_size", "iterations", "A", "B", "C", "D",
+                     "log_every_steps", "keep_checkpoints", "max_bad_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("epochs", "max_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (0: no limit), got {value!r}")
+        if self.micro_batch_size is not None and (
+                not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1):
+            raise ConfigError(f"micro_batch_size must be a positive integer, got "
+                              f"{self.micro_batch_size!r}")
+        for name in ("learning_rate", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("clip_norm", "summary_secs", "histogram_secs", "checkpoint_secs"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.log_dir:
+            raise ConfigError("log_dir must be a directory path, got an empty string")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Set-up helpers
+# ---------------------------------------------------------------------------
+
+
+def _ensure_writable_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"log_dir {path} is not writable ({e.strerror or e})") from None
+
+
+def _check_saved_config(config):
+    """Compares the architecture in log_dir/config.json with this run's."""
+    path = os.path.join(config.log_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable capsem config ({e})") from None
+    current = config.to_dict()
+    diffs = [f"{k}={saved.get(k)!r} (this run: {current[k]!r})"
+             for k in ARCHITECTURE_KEYS if k in saved and saved[k] != current[k]]
+    if diffs and tf.train.latest_checkpoint(config.log_dir):
+        raise ConfigError(
+            f"log_dir {config.log_dir} holds a checkpoint of a different architecture: "
+            f"{', '.join(diffs)}; use another --log_dir or the same flags")
+    return saved
+
+
+def _write_json_atomically(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_data(config):
+    """Makes sure the data exists (converting the MNIST IDX files on first use).
+
+    Returns:
+      `(num_train, num_test)`, the real number of examples of the two splits.
+    """
+    info = datasets.get_info(config.dataset)
+    if config.data_source != "tfrecord":
+        return info.num_train, info.num_test
+    if config.source_dir:
+        # Idempotent: a no-op (checked against the sidecar files) when valid output exists.
+        datasets.convert_mnist(config.source_dir, config.dataset_dir)
+    counts = []
+    for split in datasets.SPLITS:
+        path = os.path.join(config.dataset_dir, f"mnist_{split}.tfrecord")
+        if not os.path.exists(path):
+            if not os.path.isdir(config.dataset_dir) or not os.listdir(config.dataset_dir):
+                raise DataError(
+                    f"dataset_dir {config.dataset_dir} is missing or empty: run python "
+                    f"download_and_convert_mnist.py --dataset_dir={config.dataset_dir}")
+            raise DataError(f"{path}: no such file; run python download_and_convert_mnist.py "
+                            f"--dataset_dir={config.dataset_dir}")
+        count = datasets.validate_tfrecord(path, expected_shape=info.input_shape)
+        if count == 0:
+            raise DataError(f"{path}: holds no examples")
+        counts.append(count)
+    return tuple(counts)
+
+
+def build_model(config, info):
+    """The article's network for a config and dataset."""
+    return nets.capsules_net(num_classes=info.num_classes, iterations=config.iterations,
+                             A=config.A, B=config.B, C=config.C, D=config.D,
+                             input_shape=tuple(info.input_shape),
+                             stable=config.stable_routing)
+
+
+class _Progress:
+    """A progress line: step, loss, accuracy, steps/s and ETA."""
+
+    def __init__(self, total_steps, start_step, batch_size):
+        self.total = total_steps
+        self.batch_size = batch_size
+        self.start_step = start_step
+        self.start_time = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def rate(self, step):
+        elapsed = time.time() - self.start_time
+        return (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+
+    def line(self, step, loss, accuracy, margin, skipped):
+        rate = self.rate(step)
+        if self.total and rate > 0:
+            eta = _format_seconds((self.total - step) / rate)
+            where = f"step {step}/{self.total} ({100.0 * step / self.total:.1f}%)"
+        else:
+            eta, where = "?", f"step {step}"
+        text = (f"{where} loss {loss:.4f} acc {accuracy:.3f} margin {margin:.1f} "
+                f"{rate:.2f} steps/s ({rate * self.batch_size:.1f} images/s) ETA {eta}")
+        if skipped:
+            text += f" skipped {skipped}"
+        return text
+
+
+def _format_seconds(seconds):
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _StopSignal:
+    """Turns SIGINT / SIGTERM into a flag checked between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _remove_orphan_checkpoint_files(log_dir, manager):
+    """Deletes files of checkpoint saves that never completed (e.g. killed mid-save)."""
+    keep = set()
+    for prefix in manager.checkpoints:
+        keep.update(glob.glob(prefix + ".*"))
+    for path in glob.glob(os.path.join(log_dir, "ckpt-*")):
+        if path not in keep:
+            try:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+                logging.info("Removed %s (left by an interrupted checkpoint save)", path)
+            except OSError:
+                pass
+    for path in glob.glob(os.path.join(log_dir, "checkpoint.tmp*")) + glob.glob(
+            os.path.join(log_dir, "*.tmp-*")):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _restore_latest(checkpoint, manager, log_dir):
+    """Restores the newest readable checkpoint; returns its path or None."""
+    for prefix in reversed(manager.checkpoints):
+        try:
+            status = checkpoint.restore(prefix)
+            status.assert_existing_objects_matched()
+            return prefix
+        except (tf.errors.OpError, ValueError, AssertionError) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "shape" in message.lower() or "Shapes" in message:
+                raise ConfigError(
+                    f"log_dir {log_dir} holds a checkpoint of a different architecture "
+                    f"({message}); use another --log_dir or the same flags") from None
+            logging.warning("Checkpoint %s is unreadable (%s); trying an older one", prefix,
+                            message)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def run_evaluation(model, eval_fn, dataset, num_classes, margin):
+    """Accuracy, summed spread loss and confusion matrix of a model on a dataset."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    total_loss = 0.0
+    count = 0
+    for images, labels in dataset:
+        _, activations = eval_fn(images)
+        pred = np.argmax(activations.numpy(), axis=-1)
+        labels = labels.numpy()
+        np.add.at(confusion, (labels, pred), 1)
+        total_loss += float(losses.spread_loss_from_labels(labels, activations, margin))
+        count += len(labels)
+    accuracy = float(np.trace(confusion)) / max(count, 1)
+    return {"accuracy": accuracy, "loss": total_loss, "mean_loss": total_loss / max(count, 1),
+            "examples": count, "confusion": confusion}
+
+
+def format_confusion(confusion):
+    """The confusion matrix as text (rows: true class, columns: predicted)."""
+    n = confusion.shape[0]
+    width = max(5, len(str(int(confusion.max()))) + 1)
+    lines = ["true\\pred" + "".join(f"{j:>{width}d}" for j in range(n))]
+    for i in range(n):
+        lines.append(f"{i:>9d}" + "".join(f"{int(v):>{width}d}" for v in confusion[i]))
+    return "\n".join(lines)
+
+
+def evaluate(config, checkpoint_path=None):
+    """Evaluates a checkpoint of `config.log_dir` (or `checkpoint_path`) on the test set.
+
+    Returns:
+      a dict with accuracy, loss (summed spread loss at the checkpoint's
+      margin), mean_loss, examples, confusion, step and checkpoint.
+    """
+    config.validate()
+    info = datasets.get_info(config.dataset)
+    num_train, _ = prepare_data(config)
+    model = build_model(config, info)
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    checkpoint = tf.train.Checkpoint(model=model, global_step=global_step)
+    path = checkpoint_path or tf.train.latest_checkpoint(config.log_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {config.log_dir}: train first or pass "
+                              f"--checkpoint")
+    _check_saved_config(config)
+    try:
+        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{path}: cannot restore into this model "
+                              f"({str(e).splitlines()[0]})") from None
+    steps_per_epoch = math.ceil(num_train / config.batch_size)
+    ipe = max(1, num_train // config.batch_size)
+    margin = losses.margin_schedule(int(global_step.numpy()), ipe)
+    test_ds = datasets.make_dataset(config.dataset, "test", dataset_dir=config.dataset_dir,
+                                    data_source=config.data_source,
+                                    batch_size=config.eval_batch_size)
+    result = run_evaluation(model, step_lib.make_eval_step(model, config.jit_compile), test_ds,
+                            info.num_classes, margin)
+    result.update(step=int(global_step.numpy()), checkpoint=path,
+                  epoch=int(global_step.numpy()) / steps_per_epoch)
+    logging.info("Evaluation of %s (step %d): accuracy %.4f, loss %.4f (mean %.5f) on %d "
+                 "examples\nconfusion matrix:\n%s", path, result["step"], result["accuracy"],
+                 result["loss"], result["mean_loss"], result["examples"],
+                 format_confusion(result["confusion"]))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+class _Trainer:
+    """State of one training run (see `train`)."""
+
+    def __init__(self, config, num_train):
+        self.config = config
+        self.info = datasets.get_info(config.dataset)
+        self.num_train = num_train
+        self.steps_per_epoch = math.ceil(num_train / config.batch_size)
+        # The article: iterations_per_epoch = num_samples // batch_size.
+        self.iterations_per_epoch = max(1, num_train // config.batch_size)
+        limits = []
+        if config.epochs:
+            limits.append(config.epochs * self.steps_per_epoch)
+        if config.max_steps:
+            limits.append(config.max_steps)
+        self.total_steps = min(limits) if limits else 0
+
+    def setup(self):
+        config = self.config
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(config.seed)
+        self.model = build_model(config, self.info)
+        self.optimizer = step_lib.make_optimizer(config.learning_rate, config.adam_epsilon)
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        kwargs = {}
+        if config.micro_batch_size is not None:
+            kwargs["micro_batch_size"] = config.micro_batch_size
+        self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
+                                          clip_norm=config.clip_norm,
+                                          jit_compile=config.jit_compile,
+                                          global_step=self.global_step, **kwargs)
+        self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                              global_step=self.global_step,
+                                              skipped_steps=self.skipped)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, config.log_dir,
+                                                  max_to_keep=config.keep_checkpoints,
+                                                  checkpoint_name="ckpt")
+        _remove_orphan_checkpoint_files(config.log_dir, self.manager)
+        restored = _restore_latest(self.checkpoint, self.manager, config.log_dir)
+        if restored:
+            logging.info("Resumed from %s at step %d", restored, int(self.global_step.numpy()))
+        else:
+            logging.info("No checkpoint in %s: starting from scratch", config.log_dir)
+        self.writer = tf.summary.create_file_writer(config.log_dir)
+
+    def save(self, reason):
+        step = int(self.global_step.numpy())
+        if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(
+                f"ckpt-{step}"):
+            return self.manager.latest_checkpoint
+        path = self.manager.save(checkpoint_number=step)
+        logging.info("Saved checkpoint %s (%s)", path, reason)
+        return path
+
+    def train_dataset(self, epoch, skip):
+        ds = datasets.make_dataset(self.config.dataset, "train",
+                                   dataset_dir=self.config.dataset_dir,
+                                   data_source=self.config.data_source,
+                                   batch_size=self.config.batch_size, training=True,
+                                   seed=self.config.seed + epoch)
+        return ds.skip(skip) if skip else ds
+
+    def evaluate_and_log(self, step):
+        margin = losses.margin_schedule(step, self.iterations_per_epoch)
+        test_ds = datasets.make_dataset(self.config.dataset, "test",
+                                        dataset_dir=self.config.dataset_dir,
+                                        data_source=self.config.data_source,
+                                        batch_size=self.config.eval_batch_size)
+        start = time.time()
+        result = run_evaluation(self.model, self.eval_fn, test_ds, self.info.num_classes, margin)
+        logging.info("Test at step %d: accuracy %.4f, loss %.4f (mean %.5f), %d examples in "
+                     "%.1f s\nconfusion matrix:\n%s", step, result["accuracy"], result["loss"],
+                     result["mean_loss"], result["examples"], time.time() - start,
+                     format_confusion(result["confusion"]))
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("test/accuracy", result["accuracy"])
+            tf.summary.scalar("test/loss", result["mean_loss"])
+        self.writer.flush()
+        return result
+
+    def write_histograms(self, images, step):
+        details = diagnostics.capsule_details(self.model, images[:4])
+        with self.writer.as_default(step=step):
+            diagnostics.write_histograms(details)
+        self.writer.flush()
+
+    def run(self):
+        config = self.config
+        start_step = int(self.global_step.numpy())
+        progress = _Progress(self.total_steps, start_step, config.batch_size)
+        history = {"loss": [], "steps": [], "test": []}
+        last_summary = last_hist = last_ckpt = time.time()
+        window = {"loss": 0.0, "correct": 0, "examples": 0, "steps": 0, "t": time.time()}
+        consecutive_bad = 0
+        step = start_step
+        stop_reason = None
+        first_summary = True
+        last_test = None
+
+        with _StopSignal() as stop:
+            while not (self.total_steps and step >= self.total_steps):
+                epoch, offset = divmod(step, self.steps_per_epoch)
+                for images, labels in self.train_dataset(epoch, offset):
+                    out = self.step_fn(images, labels)
+                    loss = float(out["loss"])
+                    finite = bool(out["finite"])
+                    step = int(self.global_step.numpy())
+                    if finite:
+                        consecutive_bad = 0
+                        window["loss"] += loss
+                        window["correct"] += int(out["correct"])
+                        window["examples"] += int(labels.shape[0])
+                        window["steps"] += 1
+                    else:
+                        consecutive_bad += 1
+                        self.skipped.assign_add(1)
+                        logging.warning(
+                            "Step %d skipped: non-finite loss or gradient (loss %s); %d "
+                            "consecutive, %d in all", step, loss, consecutive_bad,
+                            int(self.skipped.numpy()))
+                        with self.writer.as_default(step=step):
+                            tf.summary.scalar("train/skipped_steps", self.skipped)
+                        if consecutive_bad >= config.max_bad_steps:
+                            self.writer.flush()
+                            raise TrainingError(
+                                f"{consecutive_bad} consecutive non-finite steps (last at step "
+                                f"{step}); stopped without saving, the last good checkpoint is "
+                                f"{self.manager.latest_checkpoint or 'none'}; try "
+                                f"--stable_routing or a lower --learning_rate")
+                    history["loss"].append(loss)
+                    history["steps"].append(step)
+                    now = time.time()
+                    if (step % config.log_every_steps == 0 or step == start_step + 1
+                            or step == self.total_steps or stop.received):
+                        acc = window["correct"] / max(window["examples"], 1)
+                        mean_loss = window["loss"] / max(window["steps"], 1)
+                        logging.info(progress.line(step, mean_loss, acc, float(out["margin"]),
+                                                   int(self.skipped.numpy())))
+                    if first_summary or now - last_summary >= config.summary_secs:
+                        self._write_scalars(step, out, window, progress)
+                        window = {"loss": 0.0, "correct": 0, "examples": 0, "steps": 0,
+                                  "t": now}
+                        last_summary = now
+                        if first_summary or now - last_hist >= config.histogram_secs:
+                            self.write_histograms(images, step)
+                            last_hist = now
+                        first_summary = False
+                    if now - last_ckpt >= config.checkpoint_secs:
+                        self.save("periodic")
+                        last_ckpt = time.time()
+                    if stop.received:
+                        stop_reason = stop.received
+                        break
+                    if self.total_steps and step >= self.total_steps:
+                        break
+                if stop_reason:
+                    break
+                if step % self.steps_per_epoch == 0 and step > start_step:
+                    self.save(f"end of epoch {step // self.steps_per_epoch}")
+                    last_ckpt = time.time()
+                    if config.eval_every_epoch:
+                        last_test = self.evaluate_and_log(step)
+                        history["test"].append((step, last_test["accuracy"]))
+                if step == start_step:  # an empty dataset would loop forever
+                    raise DataError(f"the training data of {config.dataset} yielded no batch")
+
+        self._write_scalars(step, out if step > start_step else None, window, progress)
+        self.save("stopped by " + stop_reason if stop_reason else "end of training")
+        self.writer.flush()
+        if stop_reason:
+            logging.info("Stopped by %s at step %d; the checkpoint is saved: run the same "
+                         "command again to resume", stop_reason, step)
+        return {"step": step, "stopped_by": stop_reason, "history": history,
+                "test": last_test, "skipped_steps": int(self.skipped.numpy()),
+                "checkpoint": self.manager.latest_checkpoint,
+                "steps_per_sec": progress.rate(step)}
+
+    def _write_scalars(self, step, out, window, progress):
+        if out is None and window["steps"] == 0:
+            return
+        elapsed = max(time.time() - window["t"], 1e-9)
+        with self.writer.as_default(step=step):
+            if window["steps"]:
+                tf.summary.scalar("train/loss", window["loss"] / window["steps"])
+                tf.summary.scalar("train/accuracy",
+                                  window["correct"] / max(window["examples"], 1))
+                tf.summary.scalar("train/steps_per_sec", window["steps"] / elapsed)
+            tf.summary.scalar("train/margin",
+                              losses.margin_schedule(step, self.iterations_per_epoch))
+            tf.summary.scalar("train/learning_rate",
+                              float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)))
+            tf.summary.scalar("train/skipped_steps", self.skipped)
+            if out is not None:
+                tf.summary.scalar("train/grad_norm", out["grad_norm"])
+        self.writer.flush()
+
+
+def train(config):
+    """Trains the article's network; resumes from the latest checkpoint of `config.log_dir`.
+
+    Returns:
+      a dict with the final `step`, `stopped_by` (None, 'SIGINT' or 'SIGTERM'),
+      `history` (per-step losses), `test` (the last evaluation), `skipped_steps`,
+      `checkpoint` (the last saved) and `steps_per_sec`.
+
+    Raises:
+      ConfigError, DataError, CheckpointError: bad input, before training starts.
+      TrainingError: too many consecutive non-finite steps.
+    """
+    config.validate()
+    _ensure_writable_dir(config.log_dir)
+    _check_saved_config(config)
+    num_train, _ = prepare_data(config)
+    trainer = _Trainer(config, num_train)
+    trainer.setup()
+    _write_json_atomically(os.path.join(config.log_dir, CONFIG_FILE), config.to_dict())
+    logging.info("Training %s on %s: %d steps per epoch, iterations_per_epoch %d (margin "
+                 "schedule), %s", config.dataset, config.data_source, trainer.steps_per_epoch,
+                 trainer.iterations_per_epoch,
+                 f"until step {trainer.total_steps}" if trainer.total_steps else "no step limit")
+    return trainer.run()

@@ -1,0 +1,52 @@
+"""Dataset flags of train.py (the article's mnist_config.py).
+
+Importing this module defines the flags; `train.py` reads them.
+"""
+
+import os
+
+from absl import flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: The MNIST IDX files shipped with the repository (see data/mnist/README.md).
+BUNDLED_MNIST = os.path.join(HERE, "data", "mnist")
+DATASET_NAMES = ("mnist", "fashion_mnist", "smallnorb")
+
+flags.DEFINE_enum(
+    "dataset", "mnist", DATASET_NAMES,
+    "Dataset to train on: 'mnist' (the article's; bundled with the repository), or the "
+    "tensorflow-datasets names 'fashion_mnist' and 'smallnorb' (these need their tfds data "
+    "prepared in --dataset_dir, since nothing is downloaded).")
+flags.DEFINE_enum(
+    "data_source", "auto", ("auto", "tfrecord", "tfds"),
+    "Where the data comes from: 'tfrecord' reads the article's MNIST TFRecords "
+    "(mnist_train.tfrecord / mnist_test.tfrecord in --dataset_dir, made from --source_dir on "
+    "first use), 'tfds' reads tensorflow-datasets' prepared data (tfds.load(download=False)); "
+    "'auto' is tfrecord for mnist and tfds otherwise.")
+flags.DEFINE_string(
+    "dataset_dir", None,
+    "Directory of the data. For tfrecord: where the TFRecords are (default: dataset/mnist, "
+    "created on first use). For tfds: tensorflow-datasets' data_dir (default: tfds' own, "
+    "~/tensorflow_datasets).")
+flags.DEFINE_string(
+    "source_dir", BUNDLED_MNIST,
+    "Directory of the four MNIST IDX .gz files the TFRecords are converted from on first "
+    "use (default: the copy bundled with the repository, so no network is needed).")
+
+
+def resolve_data_flags(values):
+    """Returns (data_source, dataset_dir) with 'auto' and the defaults resolved."""
+    source = values.data_source
+    if source == "auto":
+        source = "tfrecord" if values.dataset == "mnist" else "tfds"
+    dataset_dir = values.dataset_dir
+    if dataset_dir is None and source == "tfrecord":
+        dataset_dir = os.path.join("dataset", "mnist")
+    return source, dataset_dir
+
+
+@flags.multi_flags_validator(
+    ["dataset", "data_source"],
+    message="--data_source=tfrecord only exists for --dataset=mnist; use --data_source=tfds")
+def _check_tfrecord_is_mnist(values):
+    return not (values["data_source"] == "tfrecord" and values["dataset"] != "mnist")

@@ -1,0 +1,57 @@
+"""Trains or evaluates the article's matrix-capsule network.
+
+    python train.py --dataset=mnist                 # train (resumes from --log_dir)
+    python train.py --dataset=mnist --mode=eval     # evaluate the latest checkpoint
+    tensorboard --logdir logs/mnist
+
+Flags: mnist_config.py (data) and cap_config.py (model, training); --help lists them all.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+import cap_config  # noqa: E402  (defines the model and training flags)
+import mnist_config  # noqa: E402  (defines the data flags)
+
+flags.DEFINE_enum("mode", "train", ("train", "eval"),
+                  "'train' trains (resuming from the latest checkpoint in --log_dir); 'eval' "
+                  "evaluates a checkpoint on the test set: accuracy, loss, confusion matrix.")
+flags.DEFINE_string("checkpoint", None,
+                    "With --mode=eval: the checkpoint prefix to evaluate (default: the latest "
+                    "in --log_dir).")
+
+# --help lists the flags of the two config modules too, and --log_dir (defined by absl.logging).
+flags.adopt_module_key_flags(cap_config)
+flags.adopt_module_key_flags(mnist_config)
+flags.declare_key_flag("log_dir")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    from capsem import training
+    from capsem.errors import CapsemError
+
+    config = cap_config.config_from_flags(FLAGS)
+    try:
+        if FLAGS.mode == "train":
+            result = training.train(config)
+            if result["test"]:
+                logging.info("Final test accuracy %.4f at step %d", result["test"]["accuracy"],
+                             result["step"])
+        else:
+            training.evaluate(config, FLAGS.checkpoint)
+    except CapsemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
