@@ -399,6 +399,11 @@ def evaluate(config, checkpoint_path=None):
 # ---------------------------------------------------------------------------
 
 
+def _new_window():
+    """Accumulators of the training metrics between two summaries."""
+    return {"loss": 0.0, "correct": 0, "examples": 0, "steps": 0, "t": time.time()}
+
+
 class _Trainer:
     """State of one training run (see `train`)."""
 
@@ -488,99 +493,104 @@ class _Trainer:
             diagnostics.write_histograms(details)
         self.writer.flush()
 
-    def run(self):
+    def run(self, stop):
+        """The training loop; `stop` is a `_StopSignal` checked after every step."""
         config = self.config
         start_step = int(self.global_step.numpy())
         progress = _Progress(self.total_steps, start_step, config.batch_size)
         history = {"loss": [], "steps": [], "test": []}
         last_summary = last_hist = last_ckpt = time.time()
-        window = {"loss": 0.0, "correct": 0, "examples": 0, "steps": 0, "t": time.time()}
+        window = _new_window()
         consecutive_bad = 0
         step = start_step
-        stop_reason = None
+        out = None
         first_summary = True
         last_test = None
 
-        with _StopSignal() as stop:
-            while not (self.total_steps and step >= self.total_steps):
-                epoch, offset = divmod(step, self.steps_per_epoch)
-                for images, labels in self.train_dataset(epoch, offset):
-                    out = self.step_fn(images, labels)
-                    loss = float(out["loss"])
-                    finite = bool(out["finite"])
-                    step = int(self.global_step.numpy())
-                    if finite:
-                        consecutive_bad = 0
-                        window["loss"] += loss
-                        window["correct"] += int(out["correct"])
-                        window["examples"] += int(labels.shape[0])
-                        window["steps"] += 1
-                    else:
-                        consecutive_bad += 1
-                        self.skipped.assign_add(1)
-                        logging.warning(
-                            "Step %d skipped: non-finite loss or gradient (loss %s); %d "
-                            "consecutive, %d in all", step, loss, consecutive_bad,
-                            int(self.skipped.numpy()))
-                        with self.writer.as_default(step=step):
-                            tf.summary.scalar("train/skipped_steps", self.skipped)
-                        if consecutive_bad >= config.max_bad_steps:
-                            self.writer.flush()
-                            raise TrainingError(
-                                f"{consecutive_bad} consecutive non-finite steps (last at step "
-                                f"{step}); stopped without saving, the last good checkpoint is "
-                                f"{self.manager.latest_checkpoint or 'none'}; try "
-                                f"--stable_routing or a lower --learning_rate")
-                    history["loss"].append(loss)
-                    history["steps"].append(step)
-                    now = time.time()
-                    if (step % config.log_every_steps == 0 or step == start_step + 1
-                            or step == self.total_steps or stop.received):
-                        acc = window["correct"] / max(window["examples"], 1)
-                        mean_loss = window["loss"] / max(window["steps"], 1)
-                        logging.info(progress.line(step, mean_loss, acc, float(out["margin"]),
-                                                   int(self.skipped.numpy())))
-                    if first_summary or now - last_summary >= config.summary_secs:
-                        self._write_scalars(step, out, window, progress)
-                        window = {"loss": 0.0, "correct": 0, "examples": 0, "steps": 0,
-                                  "t": now}
-                        last_summary = now
-                        if first_summary or now - last_hist >= config.histogram_secs:
-                            self.write_histograms(images, step)
-                            last_hist = now
-                        first_summary = False
-                    if now - last_ckpt >= config.checkpoint_secs:
-                        self.save("periodic")
-                        last_ckpt = time.time()
-                    if stop.received:
-                        stop_reason = stop.received
-                        break
-                    if self.total_steps and step >= self.total_steps:
-                        break
-                if stop_reason:
+        while not (self.total_steps and step >= self.total_steps) and not stop.received:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            for images, labels in self.train_dataset(epoch, offset):
+                out = self.step_fn(images, labels)
+                loss = float(out["loss"])
+                step = int(self.global_step.numpy())
+                if bool(out["finite"]):
+                    consecutive_bad = 0
+                    window["loss"] += loss
+                    window["correct"] += int(out["correct"])
+                    window["examples"] += int(labels.shape[0])
+                    window["steps"] += 1
+                else:
+                    consecutive_bad += 1
+                    self._skipped_step(step, loss, consecutive_bad)
+                history["loss"].append(loss)
+                history["steps"].append(step)
+                now = time.time()
+                if (step % config.log_every_steps == 0 or step == start_step + 1
+                        or step == self.total_steps or stop.received):
+                    logging.info(progress.line(
+                        step, window["loss"] / max(window["steps"], 1),
+                        window["correct"] / max(window["examples"], 1),
+                        float(out["margin"]), int(self.skipped.numpy())))
+                if first_summary or now - last_summary >= config.summary_secs:
+                    self._write_scalars(step, out, window)
+                    window = _new_window()
+                    last_summary = now
+                    if first_summary or now - last_hist >= config.histogram_secs:
+                        self.write_histograms(images, step)
+                        last_hist = now
+                    first_summary = False
+                if now - last_ckpt >= config.checkpoint_secs and consecutive_bad == 0:
+                    self.save("periodic")
+                    last_ckpt = time.time()
+                if stop.received or (self.total_steps and step >= self.total_steps):
                     break
-                if step % self.steps_per_epoch == 0 and step > start_step:
+            if step == start_step:  # an empty dataset would loop forever
+                raise DataError(f"the training data of {config.dataset} yielded no batch")
+            if stop.received:
+                break
+            if step % self.steps_per_epoch == 0:
+                if consecutive_bad == 0:  # a bad streak keeps the last good checkpoint
                     self.save(f"end of epoch {step // self.steps_per_epoch}")
                     last_ckpt = time.time()
-                    if config.eval_every_epoch:
-                        last_test = self.evaluate_and_log(step)
-                        history["test"].append((step, last_test["accuracy"]))
-                if step == start_step:  # an empty dataset would loop forever
-                    raise DataError(f"the training data of {config.dataset} yielded no batch")
+                if config.eval_every_epoch:
+                    last_test = self.evaluate_and_log(step)
+                    history["test"].append((step, last_test["accuracy"]))
 
-        self._write_scalars(step, out if step > start_step else None, window, progress)
-        self.save("stopped by " + stop_reason if stop_reason else "end of training")
-        self.writer.flush()
-        if stop_reason:
+        self._write_scalars(step, out, window)
+        if stop.received:
+            self.save(f"stopped by {stop.received}")
             logging.info("Stopped by %s at step %d; the checkpoint is saved: run the same "
-                         "command again to resume", stop_reason, step)
-        return {"step": step, "stopped_by": stop_reason, "history": history,
+                         "command again to resume", stop.received, step)
+        else:
+            self.save("end of training")
+            if config.eval_every_epoch and (last_test is None or
+                                            history["test"][-1][0] != step):
+                last_test = self.evaluate_and_log(step)
+                history["test"].append((step, last_test["accuracy"]))
+        self.writer.flush()
+        return {"step": step, "stopped_by": stop.received, "history": history,
                 "test": last_test, "skipped_steps": int(self.skipped.numpy()),
                 "checkpoint": self.manager.latest_checkpoint,
                 "steps_per_sec": progress.rate(step)}
 
-    def _write_scalars(self, step, out, window, progress):
-        if out is None and window["steps"] == 0:
+    def _skipped_step(self, step, loss, consecutive_bad):
+        """Counts and reports a step skipped for a non-finite loss or gradient."""
+        self.skipped.assign_add(1)
+        logging.warning("Step %d skipped: non-finite loss or gradient (loss %s); %d "
+                        "consecutive, %d in all", step, loss, consecutive_bad,
+                        int(self.skipped.numpy()))
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("train/skipped_steps", self.skipped)
+        self.writer.flush()
+        if consecutive_bad >= self.config.max_bad_steps:
+            raise TrainingError(
+                f"{consecutive_bad} consecutive non-finite steps (last at step {step}); "
+                f"stopped without saving, the last good checkpoint is "
+                f"{self.manager.latest_checkpoint or 'none'}; try --stable_routing or a "
+                f"lower --learning_rate")
+
+    def _write_scalars(self, step, out, window):
+        if out is None:
             return
         elapsed = max(time.time() - window["t"], 1e-9)
         with self.writer.as_default(step=step):
@@ -612,14 +622,16 @@ def train(config):
       TrainingError: too many consecutive non-finite steps.
     """
     config.validate()
-    _ensure_writable_dir(config.log_dir)
-    _check_saved_config(config)
-    num_train, _ = prepare_data(config)
-    trainer = _Trainer(config, num_train)
-    trainer.setup()
-    _write_json_atomically(os.path.join(config.log_dir, CONFIG_FILE), config.to_dict())
-    logging.info("Training %s on %s: %d steps per epoch, iterations_per_epoch %d (margin "
-                 "schedule), %s", config.dataset, config.data_source, trainer.steps_per_epoch,
-                 trainer.iterations_per_epoch,
-                 f"until step {trainer.total_steps}" if trainer.total_steps else "no step limit")
-    return trainer.run()
+    with _StopSignal() as stop:
+        _check_saved_config(config)
+        num_train, _ = prepare_data(config)
+        _ensure_writable_dir(config.log_dir)
+        trainer = _Trainer(config, num_train)
+        trainer.setup()
+        _write_json_atomically(os.path.join(config.log_dir, CONFIG_FILE), config.to_dict())
+        logging.info("Training %s on %s: %d steps per epoch, iterations_per_epoch %d (margin "
+                     "schedule), %s", config.dataset, config.data_source,
+                     trainer.steps_per_epoch, trainer.iterations_per_epoch,
+                     f"until step {trainer.total_steps}" if trainer.total_steps
+                     else "no step limit")
+        return trainer.run(stop)
