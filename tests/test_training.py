@@ -140,3 +140,22 @@ def test_bad_flags_are_rejected_with_one_line(tmp_path):
         assert message in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
         assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("dataset,shape", [("fashion_mnist", (28, 28, 1)),
+                                           ("smallnorb", (32, 32, 1))])
+def test_training_on_tfds_datasets(tmp_path, dataset, shape):
+    """--dataset=fashion_mnist / smallnorb train through tensorflow-datasets (mocked here)."""
+    import tensorflow_datasets as tfds
+
+    config = tiny_config(tmp_path, None, dataset=dataset, data_source="tfds", max_steps=2,
+                         eval_batch_size=4)
+    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = training.train(config)
+    assert result["step"] == 2 and np.all(np.isfinite(result["history"]["loss"]))
+    assert result["test"]["examples"] == 8
+    assert result["test"]["confusion"].shape == ((5, 5) if dataset == "smallnorb" else (10, 10))
+    with open(os.path.join(config.log_dir, "config.json")) as f:
+        assert json.load(f)["dataset"] == dataset
+    model_input = training.build_model(config, training.datasets.get_info(dataset)).input_shape
+    assert model_input == (None,) + shape
