@@ -191,12 +191,20 @@ class _RoutingLayer(keras.layers.Layer):
             else _transform_initializer())
         self.beta_initializer = keras.initializers.get(beta_initializer)
 
-    def _route(self, votes, i_activations, return_details):
-        # votes (..., I, O, 16), i_activations (..., I)
-        result = ops.em_routing(votes, i_activations, self.beta_v, self.beta_a,
-                                self.iterations, stable=self.stable,
-                                return_assignments=return_details)
-        return result
+    def _route(self, poses, w, i_activations, offsets, return_details):
+        """EM routing of the votes `poses @ w (+ offsets)`, which are never materialised.
+
+        Args:
+          poses: `(M, I, 16)`; w: `(1, I, O, 4, 4)`; i_activations: `(M, I)`;
+          offsets: None or `(I, 16)`.
+
+        Returns:
+          `(poses (M, O, 16), activations (M, O))` and, with `return_details`,
+          the assignments `(M, I, O)`.
+        """
+        return ops._em_routing_from_poses(
+            poses, w, i_activations, self.beta_v, self.beta_a, self.iterations,
+            stable=self.stable, offsets=offsets, return_assignments=return_details)
 
     def _prepare(self, inputs):
         """Converts `[poses, activations]` to tensors and builds the layer if needed."""
@@ -320,19 +328,25 @@ class ConvCaps(_RoutingLayer):
         tiled_a = ops.kernel_tile(activations, k, s)  # (N, OH, OW, K*K, I)
         shape = tf.shape(tiled_a)
         n, oh, ow = shape[0], shape[1], shape[2]
-        flat_p = tf.reshape(tiled_p, [-1, k2i, 16])  # (N*OH*OW, K*K*I, 16)
-        votes = ops.mat_transform(flat_p, self.w)  # (N*OH*OW, K*K*I, O, 16)
-        votes = tf.reshape(votes, tf.stack([n, oh, ow, k2i, o, 16]))  # (N, OH, OW, K*K*I, O, 16)
-        i_act = tf.reshape(tiled_a, tf.stack([n, oh, ow, k2i]))  # (N, OH, OW, K*K*I)
         static = tiled_a.shape[:3]
-        votes.set_shape(static.concatenate([k2i, o, 16]))
-        i_act.set_shape(static.concatenate([k2i]))
-        result = self._route(votes, i_act, return_details)
+        m = static.num_elements()
+        flat_p = tf.reshape(tiled_p, [-1, k2i, 16])  # (N*OH*OW, K*K*I, 16)
+        flat_a = tf.reshape(tiled_a, [-1, k2i])  # (N*OH*OW, K*K*I)
+        flat_p.set_shape([m, k2i, 16])
+        flat_a.set_shape([m, k2i])
+        result = self._route(flat_p, self.w, flat_a, None, return_details)
         out_p = tf.reshape(result[0], tf.stack([n, oh, ow, o, 4, 4]))  # (N, OH, OW, O, 4, 4)
+        out_a = tf.reshape(result[1], tf.stack([n, oh, ow, o]))  # (N, OH, OW, O)
         out_p.set_shape(static.concatenate([o, 4, 4]))
-        out = {"poses": out_p, "activations": result[1]}
+        out_a.set_shape(static.concatenate([o]))
+        out = {"poses": out_p, "activations": out_a}
         if return_details:
-            out.update(votes=votes, assignments=result[2])
+            votes = ops.mat_transform(flat_p, self.w)  # (N*OH*OW, K*K*I, O, 16)
+            votes = tf.reshape(votes, tf.stack([n, oh, ow, k2i, o, 16]))  # (N, OH, OW, K*K*I, O, 16)
+            votes.set_shape(static.concatenate([k2i, o, 16]))
+            rr = tf.reshape(result[2], tf.stack([n, oh, ow, k2i, o]))  # (N, OH, OW, K*K*I, O)
+            rr.set_shape(static.concatenate([k2i, o]))
+            out.update(votes=votes, assignments=rr)
         return out
 
     def compute_output_shape(self, input_shape):
@@ -422,25 +436,38 @@ class ClassCaps(_RoutingLayer):
         i, o = self.in_capsules, self.capsules
         shape = tf.shape(activations)
         n, h, w = shape[0], shape[1], shape[2]
-        flat_p = tf.reshape(poses, [-1, i, 16])  # (N*H*W, I, 16)
-        votes = ops.mat_transform(flat_p, self.w)  # (N*H*W, I, O, 16)
-        votes = tf.reshape(votes, tf.stack([n, h, w, i, o, 16]))  # (N, H, W, I, O, 16)
-        if self.coord_addition:
-            votes = ops.coord_addition(votes, activations.shape[1], activations.shape[2])
-        votes = tf.reshape(votes, tf.stack([n, h * w * i, o, 16]))  # (N, H*W*I, O, 16)
-        i_act = tf.reshape(activations, tf.stack([n, h * w * i]))  # (N, H*W*I)
         hwi = None
         if activations.shape[1] is not None and activations.shape[2] is not None:
             hwi = activations.shape[1] * activations.shape[2] * i
-        votes.set_shape([activations.shape[0], hwi, o, 16])
+        flat_p = tf.reshape(poses, tf.stack([n, h * w * i, 16]))  # (N, H*W*I, 16)
+        i_act = tf.reshape(activations, tf.stack([n, h * w * i]))  # (N, H*W*I)
+        flat_p.set_shape([activations.shape[0], hwi, 16])
         i_act.set_shape([activations.shape[0], hwi])
-        result = self._route(votes, i_act, return_details)
+        # The transformation matrices are shared by all H*W positions.
+        w_all = tf.tile(self.w, tf.stack([1, h * w, 1, 1, 1]))  # (1, H*W*I, O, 4, 4)
+        w_all.set_shape([1, hwi, o, 4, 4])
+        offsets = None
+        if self.coord_addition:
+            offsets = self._coordinate_offsets(activations.shape[1], activations.shape[2])
+        result = self._route(flat_p, w_all, i_act, offsets, return_details)
         out_p = tf.reshape(result[0], tf.stack([n, o, 4, 4]))  # (N, O, 4, 4)
         out_p.set_shape([activations.shape[0], o, 4, 4])
         out = {"poses": out_p, "activations": result[1]}
         if return_details:
+            votes = ops.mat_transform(tf.reshape(poses, [-1, i, 16]), self.w)  # (N*H*W, I, O, 16)
+            votes = tf.reshape(votes, tf.stack([n, h, w, i, o, 16]))  # (N, H, W, I, O, 16)
+            if self.coord_addition:
+                votes = ops.coord_addition(votes, activations.shape[1], activations.shape[2])
+            votes = tf.reshape(votes, tf.stack([n, h * w * i, o, 16]))  # (N, H*W*I, O, 16)
+            votes.set_shape([activations.shape[0], hwi, o, 16])
             out.update(votes=votes, assignments=result[2])
         return out
+
+    def _coordinate_offsets(self, height, width):
+        """`coord_addition`'s offsets per input capsule `(h*W + w)*I + i`: `(H*W*I, 16)`."""
+        zeros = tf.zeros([1, height, width, self.in_capsules, 1, 16], self.compute_dtype)
+        offsets = ops.coord_addition(zeros, height, width)  # (1, H, W, I, 1, 16)
+        return tf.reshape(offsets, [height * width * self.in_capsules, 16])  # (H*W*I, 16)
 
     def compute_output_shape(self, input_shape):
         n = tuple(input_shape[0])[0]

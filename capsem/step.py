@@ -10,12 +10,20 @@ the batch can be processed in micro-batches whose gradients are summed: the
 result is the same gradient (up to float rounding) with a fraction of the
 memory. A step whose loss or gradients are not finite is not applied: the
 weights and the optimizer state stay as they were, and the step is counted.
+
+Compilation (`jit_compile`): by default the step is a tf.function whose EM
+routing runs in XLA-compiled kernels, one call per block of routing problems
+(see `capsem.ops`), while TensorFlow runs the rest (convolutions, loss,
+optimizer) and runs independent blocks concurrently. This is several times
+faster, and much quicker to compile, than compiling the whole step into one
+XLA program (`jit_compile="whole"`), where XLA inlines and re-fuses the
+kernels; `docs/performance.md` has the measurements.
 """
 
 import keras
 import tensorflow as tf
 
-from capsem import losses
+from capsem import losses, ops
 
 #: TF1 `tf.train.AdamOptimizer`'s default epsilon (Keras' default is 1e-7).
 TF1_ADAM_EPSILON = 1e-8
@@ -47,7 +55,9 @@ class TrainStep:
       micro_batch_size: split each batch into chunks of at most this many
         examples and sum their gradients (same result, less memory); None
         processes the whole batch at once.
-      jit_compile: compile the step with XLA.
+      jit_compile: True (default): EM routing in XLA-compiled kernels inside
+        a TensorFlow graph (the fast setting); "whole": compile the whole step
+        into one XLA program; False: no XLA (TensorFlow ops only).
       global_step: an int64 `tf.Variable` counting attempted steps (the
         article's `global_step`, which drives the margin); created if None.
 
@@ -74,8 +84,8 @@ class TrainStep:
             0, dtype=tf.int64, trainable=False, name="global_step")
         self.variables = list(model.trainable_variables)
         optimizer.build(self.variables)
-        self._step = tf.function(self._train_step, jit_compile=jit_compile)
-        self._grads = tf.function(self._loss_and_grads, jit_compile=jit_compile)
+        self._step = _compile(self._train_step, jit_compile)
+        self._grads = _compile(self._loss_and_grads, jit_compile)
 
     def _chunks(self, images, labels):
         size = images.shape[0]
@@ -93,6 +103,7 @@ class TrainStep:
             with tf.GradientTape() as tape:
                 _, activations = self.model(x, training=True)
                 loss = losses.spread_loss_from_labels(y, activations, margin)
+                loss = _nan_unless_finite(loss, [x, activations])
             chunk_grads = tape.gradient(loss, self.variables)
             grads = chunk_grads if grads is None else [a + b for a, b in zip(grads, chunk_grads)]
             total_loss += loss
@@ -127,6 +138,34 @@ class TrainStep:
                            tf.convert_to_tensor(labels), tf.constant(margin, tf.float32))
 
 
+def _nan_unless_finite(loss, tensors):
+    """The loss, or NaN if any of `tensors` holds a NaN or an infinity.
+
+    In the article's graph a NaN in the images or the activations makes the
+    loss NaN. In a TensorFlow graph on CPU, oneDNN's (fused) ReLU maps NaN to
+    0, in relu_conv1 and in the spread loss, so a bad input could otherwise
+    give a finite loss; the step is then skipped as the article's would fail.
+    """
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+    return tf.where(finite, loss, tf.constant(float("nan"), loss.dtype))
+
+
 def make_eval_step(model, jit_compile=True):
-    """A compiled inference function: images -> (poses, activations)."""
-    return tf.function(lambda images: model(images, training=False), jit_compile=jit_compile)
+    """A compiled inference function: images -> (poses, activations).
+
+    `jit_compile` as in `TrainStep`: True (default) routes in XLA kernels,
+    "whole" compiles the whole function with XLA, False uses no XLA.
+    """
+    return _compile(lambda images: model(images, training=False), jit_compile)
+
+
+def _compile(fn, jit_compile):
+    """`fn` as a tf.function compiled as `jit_compile` says (see `TrainStep`)."""
+    if jit_compile not in (True, False, "whole"):
+        raise ValueError(f'jit_compile must be True, False or "whole", got {jit_compile!r}')
+
+    def traced(*args):
+        with ops.xla_routing_kernels(jit_compile is True):
+            return fn(*args)
+
+    return tf.function(traced, jit_compile=jit_compile == "whole")

@@ -40,8 +40,17 @@ def test_primary_caps(golden):
     assert_single(acts, d["out_activations"], "activations")
 
 
+def _maybe_compiled(fn, compiled):
+    """`fn`, or `fn` as a tf.function: the default fast path, routing in XLA kernels."""
+    return tf.function(fn) if compiled else fn
+
+
+COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["eager", "fast_path"])
+
+
 @pytest.mark.parametrize("name", ["conv_caps1", "conv_caps2"])
-def test_conv_caps(golden, name):
+@COMPILED
+def test_conv_caps(golden, name, compiled):
     d = golden(name)
     kh, kw, num_i, num_o = (int(v) for v in d["kernel_shape"])
     layer = layers.ConvCaps(num_o, kernel_size=kh, strides=int(d["stride"]),
@@ -51,14 +60,14 @@ def test_conv_caps(golden, name):
     weights = golden_weights(d)
     for suffix, var in layer.article_variables().items():
         var.assign(weights[f"{name}/{suffix}"])
-    out = layer.call_with_details([tf.constant(x) for x in inputs])
+    out = _maybe_compiled(layer.call_with_details, compiled)([tf.constant(x) for x in inputs])
     assert_single(out["poses"], d["out_poses"], "poses")
     assert_single(out["activations"], d["out_activations"], "activations")
     # What the layer feeds to EM routing.
     acts_in = tf.reshape(ops_tile_acts(d, kh), d["em_i_activations"].shape)
     np.testing.assert_array_equal(acts_in.numpy(), d["em_i_activations"])
     assert_single(out["votes"][0, 0, 0], d["em_votes_b0_y0_x0"], "votes at (0, 0, 0)")
-    plain = layer(inputs)
+    plain = _maybe_compiled(layer, compiled)([tf.constant(x) for x in inputs])
     np.testing.assert_array_equal(plain[0].numpy(), out["poses"].numpy())
 
 
@@ -67,7 +76,8 @@ def ops_tile_acts(d, kernel):
     return ops.kernel_tile(d["inputs_activations"], kernel, int(d["stride"]))
 
 
-def test_class_capsules(golden):
+@COMPILED
+def test_class_capsules(golden, compiled):
     d = golden("class_capsules")
     layer = layers.ClassCaps(int(d["num_classes"]), iterations=int(d["iterations"]),
                              name="class_capsules")
@@ -75,7 +85,8 @@ def test_class_capsules(golden):
     weights = golden_weights(d)
     for suffix, var in layer.article_variables().items():
         var.assign(weights["class_capsules/" + suffix])
-    out = layer.call_with_details([d["inputs_poses"], d["inputs_activations"]])
+    out = _maybe_compiled(layer.call_with_details, compiled)(
+        [tf.constant(d["inputs_poses"]), tf.constant(d["inputs_activations"])])
     assert_single(out["poses"], d["out_poses"], "poses")
     assert_single(out["activations"], d["out_activations"], "activations")
     n, s, _, i, k, _ = d["votes_with_coord"].shape
@@ -93,11 +104,12 @@ def article_net(golden):
     return model
 
 
-def test_full_network_per_layer_outputs(golden, article_net):
+@COMPILED
+def test_full_network_per_layer_outputs(golden, article_net, compiled):
     d = golden("capsules_net")
     probe = keras.Model(article_net.input,
                         [article_net.get_layer(n).output for n in nets.LAYER_NAMES])
-    conv1, primary, caps1, caps2, cls = probe(d["inputs"])
+    conv1, primary, caps1, caps2, cls = _maybe_compiled(probe, compiled)(tf.constant(d["inputs"]))
     assert_close(conv1, d["relu_conv1_out"], 1e-4, what="relu_conv1")
     for name, (poses, acts) in (("primary_caps", primary), ("conv_caps1", caps1),
                                 ("conv_caps2", caps2)):
@@ -107,22 +119,28 @@ def test_full_network_per_layer_outputs(golden, article_net):
     assert_close(cls[1], d["out_activations"], 1e-4, what="class activations")
 
 
-def test_full_network_loss_and_gradients(golden, article_net):
+@COMPILED
+def test_full_network_loss_and_gradients(golden, article_net, compiled):
     d = golden("capsules_net")
     ipe = int(d["iterations_per_epoch"])
     x = tf.constant(d["inputs"])
     variables = nets.article_variables(article_net)
-    for step in d["global_steps"]:
-        margin = losses.margin_schedule(int(step), ipe)
-        assert margin.numpy() == d[f"step{step}_margin"]
+
+    def loss_and_grads(x, margin):
         with tf.GradientTape() as tape:
             tape.watch(x)
             _, acts = article_net(x)
             loss = losses.spread_loss(d["labels_onehot"], acts, margin)
+        return loss, tape.gradient(loss, list(variables.values()) + [x])
+
+    loss_and_grads = _maybe_compiled(loss_and_grads, compiled)
+    for step in d["global_steps"]:
+        margin = losses.margin_schedule(int(step), ipe)
+        assert margin.numpy() == d[f"step{step}_margin"]
+        loss, grads = loss_and_grads(x, margin)
         assert_close(loss, d[f"step{step}_loss"], 1e-4, what=f"loss at step {step}")
         if step not in d["grad_global_steps"]:
             continue
-        grads = tape.gradient(loss, list(variables.values()) + [x])
         for (name, _), grad in zip(variables.items(), grads):
             key = f"step{step}_grad__" + name.replace("/", "__")
             assert_close(grad, d[key], 5e-4, what=f"gradient of {name}")

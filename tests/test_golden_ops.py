@@ -44,11 +44,17 @@ def test_inverse_temperatures_schedule():
 
 @pytest.mark.parametrize("name", ["em_routing_conv", "em_routing_class"])
 @pytest.mark.parametrize("stable", [False, True])
-def test_em_routing_outputs(golden, name, stable):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "fast_path"])
+def test_em_routing_outputs(golden, name, stable, compiled):
+    """Eagerly, and inside a tf.function where routing runs in the blocked XLA kernels."""
     d = golden(name)
     for iterations in d["iterations_list"]:
-        poses, acts = ops.em_routing(d["votes"], d["i_activations"], d["beta_v"],
-                                     d["beta_a"], int(iterations), stable=stable)
+        def route(votes, i_act, beta_v, beta_a, iterations=int(iterations)):
+            return ops.em_routing(votes, i_act, beta_v, beta_a, iterations, stable=stable)
+        if compiled:
+            route = tf.function(route)
+        poses, acts = route(*(tf.constant(d[k]) for k in
+                              ("votes", "i_activations", "beta_v", "beta_a")))
         assert_single(poses, d[f"iters{iterations}_out_poses"], f"poses, {iterations} iterations")
         assert_single(acts, d[f"iters{iterations}_out_activations"], f"acts, {iterations} iterations")
 

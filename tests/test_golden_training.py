@@ -8,18 +8,19 @@ from capsem import step as step_lib
 from conftest import assert_close, golden_weights
 
 
-@pytest.mark.parametrize("micro_batch_size", [None, 1])
-def test_three_article_training_steps(golden, micro_batch_size):
+@pytest.mark.parametrize("micro_batch_size,jit_compile", [("default", True), (1, False)])
+def test_three_article_training_steps(golden, micro_batch_size, jit_compile):
     """Adam 1e-3 (epsilon 1e-8), per-variable clipping at 4.0, margin schedule with ipe = 1."""
     d = golden("capsules_net")
     e = golden("article_ckpt/expected")
     model = nets.capsules_net()
     compat.load_article_weights(model, golden_weights(d))
+    kwargs = {} if micro_batch_size == "default" else {"micro_batch_size": micro_batch_size}
     lr = float(e["learning_rate"])
     train_step = step_lib.TrainStep(model, step_lib.make_optimizer(lr),
                                     int(e["iterations_per_epoch"]),
                                     clip_norm=float(e["clip_gradient_norm"]),
-                                    micro_batch_size=micro_batch_size)
+                                    jit_compile=jit_compile, **kwargs)
     images = datasets.preprocess_image(e["train_images_uint8"])
     outs = [train_step(images, e["train_labels"]) for _ in range(int(e["num_steps"]))]
     np.testing.assert_array_equal([o["margin"].numpy() for o in outs], e["step_margins"])

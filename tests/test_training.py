@@ -14,8 +14,10 @@ from capsem import training
 from conftest import REPO
 from mnist_fixtures import make_tiny_tfrecords
 
+# A tiny network; XLA compilation (the default) is left to the tests that check that path,
+# because compiling takes longer than these tests' few steps.
 TINY = ["--A=4", "--B=2", "--C=2", "--D=2", "--batch_size=4", "--eval_batch_size=5",
-        "--iterations=2"]
+        "--iterations=2", "--jit_compile=false"]
 
 
 def run_train(args, timeout=600):
@@ -40,7 +42,7 @@ def tiny_config(tmp_path, dataset_dir, **kwargs):
                   source_dir=None, log_dir=str(tmp_path / "logs"), batch_size=4,
                   eval_batch_size=5, iterations=2, A=4, B=2, C=2, D=2, epochs=2, seed=3,
                   deterministic=True, summary_secs=0, histogram_secs=0,
-                  checkpoint_secs=3600, log_every_steps=1)
+                  checkpoint_secs=3600, log_every_steps=1, jit_compile=False)
     values.update(kwargs)
     return training.TrainConfig(**values)
 
@@ -48,9 +50,10 @@ def tiny_config(tmp_path, dataset_dir, **kwargs):
 def test_train_py_end_to_end_summaries_checkpoints_and_resume(tmp_path):
     _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
     log_dir = str(tmp_path / "run")
-    args = TINY + [f"--dataset_dir={dataset_dir}", "--source_dir=", f"--log_dir={log_dir}",
-                   "--epochs=2", "--summary_secs=0", "--histogram_secs=0", "--checkpoint_secs=0"]
-    out = run_train(args)
+    args = TINY[:-1] + [f"--dataset_dir={dataset_dir}", "--source_dir=", f"--log_dir={log_dir}",
+                        "--epochs=2", "--summary_secs=0", "--histogram_secs=0",
+                        "--checkpoint_secs=0"]
+    out = run_train(args)  # the default, XLA-compiled path
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stderr
     assert "No checkpoint in" in log and "3 steps per epoch" in log
