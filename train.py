@@ -36,8 +36,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
-    from capsem import training
+    from capsem import step, training
     from capsem.errors import CapsemError
+
+    step.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
 
     config = cap_config.config_from_flags(FLAGS)
     try:

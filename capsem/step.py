@@ -169,3 +169,48 @@ def _compile(fn, jit_compile):
             return fn(*args)
 
     return tf.function(traced, jit_compile=jit_compile == "whole")
+
+
+def configure_threads(intra_op_threads=1, inter_op_threads=0):
+    """Sets the sizes of TensorFlow's CPU thread pools; call it first.
+
+    The routing problems of a capsule layer run as independent blocks of
+    XLA-compiled kernels (see `capsem.ops`), which TensorFlow runs
+    concurrently on its inter-op threads. With the default intra-op pool, XLA
+    also hands parts of every kernel to the intra-op threads, so twice as
+    many threads as cores compete. One intra-op thread (each kernel on the
+    thread that runs it) made inference 1.1x to 1.3x faster on 2 cores, and
+    training no faster (README, "Speed"); `train.py` and `bench.py` take the
+    sizes as flags (`--intra_op_threads`, `--inter_op_threads`).
+
+    TensorFlow fixes its thread pools when it runs its first operation, so
+    call this before building a model or creating a tensor.
+
+    Args:
+      intra_op_threads: threads of one operation; 0 leaves TensorFlow's
+        default (the number of cores).
+      inter_op_threads: operations run concurrently; 0 leaves TensorFlow's
+        default (the number of cores).
+
+    Raises:
+      ValueError: a negative or non-integer count.
+      RuntimeError: TensorFlow's thread pools were already created with
+        other sizes.
+    """
+    for name, value in (("intra_op_threads", intra_op_threads),
+                        ("inter_op_threads", inter_op_threads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: TensorFlow's default), "
+                             f"got {value!r}")
+    threading = tf.config.threading
+    try:
+        if intra_op_threads:
+            threading.set_intra_op_parallelism_threads(intra_op_threads)
+        if inter_op_threads:
+            threading.set_inter_op_parallelism_threads(inter_op_threads)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"configure_threads(intra_op_threads={intra_op_threads}, inter_op_threads="
+            f"{inter_op_threads}) must be called before TensorFlow runs its first operation "
+            f"(it is fixed at intra-op {threading.get_intra_op_parallelism_threads()}, "
+            f"inter-op {threading.get_inter_op_parallelism_threads()} now)") from e

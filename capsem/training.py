@@ -221,28 +221,39 @@ def build_model(config, info):
 
 
 class _Progress:
-    """A progress line: step, loss, accuracy, steps/s and ETA."""
+    """A progress line: step, loss, accuracy, steps/s and ETA.
+
+    The rate is measured between consecutive progress lines (the first line,
+    after the step that traced and compiled the training step, only starts
+    the clock), so it shows the current speed of the loop, comparable with
+    `bench.py`; the ETA uses it too.
+    """
 
     def __init__(self, total_steps, start_step, batch_size):
         self.total = total_steps
         self.batch_size = batch_size
-        self.start_step = start_step
-        self.start_time = time.time()
+        self.last_step = start_step
+        self.last_time = None
+        self.rate = 0.0
         self.tty = sys.stderr.isatty()
 
-    def rate(self, step):
-        elapsed = time.time() - self.start_time
-        return (step - self.start_step) / elapsed if elapsed > 0 else 0.0
+    def update(self, step):
+        """Updates the rate at a progress line of `step`."""
+        now = time.time()
+        if self.last_time is not None and step > self.last_step and now > self.last_time:
+            self.rate = (step - self.last_step) / (now - self.last_time)
+        self.last_step, self.last_time = step, now
+        return self.rate
 
     def line(self, step, loss, accuracy, margin, skipped):
-        rate = self.rate(step)
-        if self.total and rate > 0:
-            eta = _format_seconds((self.total - step) / rate)
-            where = f"step {step}/{self.total} ({100.0 * step / self.total:.1f}%)"
-        else:
-            eta, where = "?", f"step {step}"
+        rate = self.update(step)
+        where = f"step {step}/{self.total} ({100.0 * step / self.total:.1f}%)" if self.total \
+            else f"step {step}"
+        eta = _format_seconds((self.total - step) / rate) if self.total and rate > 0 else "?"
+        speed = (f"{rate:.2f} steps/s ({rate * self.batch_size:.1f} images/s)" if rate > 0
+                 else "compiling/warm-up")
         text = (f"{where} loss {loss:.4f} acc {accuracy:.3f} margin {margin:.1f} "
-                f"{rate:.2f} steps/s ({rate * self.batch_size:.1f} images/s) ETA {eta}")
+                f"{speed} ETA {eta}")
         if skipped:
             text += f" skipped {skipped}"
         return text
@@ -571,7 +582,7 @@ class _Trainer:
         return {"step": step, "stopped_by": stop.received, "history": history,
                 "test": last_test, "skipped_steps": int(self.skipped.numpy()),
                 "checkpoint": self.manager.latest_checkpoint,
-                "steps_per_sec": progress.rate(step)}
+                "steps_per_sec": progress.rate}
 
     def _skipped_step(self, step, loss, consecutive_bad):
         """Counts and reports a step skipped for a non-finite loss or gradient."""
@@ -615,7 +626,7 @@ def train(config):
     Returns:
       a dict with the final `step`, `stopped_by` (None, 'SIGINT' or 'SIGTERM'),
       `history` (per-step losses), `test` (the last evaluation), `skipped_steps`,
-      `checkpoint` (the last saved) and `steps_per_sec`.
+      `checkpoint` (the last saved) and `steps_per_sec` (the rate of the last progress line).
 
     Raises:
       ConfigError, DataError, CheckpointError: bad input, before training starts.

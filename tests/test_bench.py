@@ -35,5 +35,35 @@ def test_bench_json_line_has_positive_finite_numbers():
 
 
 def test_bench_text_output():
-    out = _run_bench("--mode=infer", "--config=small", "--jit=false", *TINY)
+    out = _run_bench("--mode=infer", "--config=small", "--jit=false", "--intra_op_threads=1",
+                     *TINY)
     assert "images/s" in out and "peak RSS" in out and "TensorFlow" in out
+    assert "threads: intra-op 1 " in out
+
+
+def test_configure_threads_sets_pools_and_rejects_late_or_bad_calls():
+    code = (
+        "from capsem import step\n"
+        "import tensorflow as tf\n"
+        "step.configure_threads(1, 3)\n"
+        "print(tf.config.threading.get_intra_op_parallelism_threads(),"
+        " tf.config.threading.get_inter_op_parallelism_threads())\n"
+        "tf.constant(1.0) + 1.0\n"
+        "step.configure_threads(1, 3)\n"  # the same sizes again: fine
+        "for args in ((2, 3), (-1, 0), (1.5, 0)):\n"
+        "    try:\n"
+        "        step.configure_threads(*args)\n"
+        "    except (RuntimeError, ValueError) as e:\n"
+        "        print(type(e).__name__, e)\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "1 3"
+    assert lines[1].startswith("RuntimeError configure_threads(intra_op_threads=2")
+    assert "before TensorFlow runs its first operation" in lines[1]
+    assert "fixed at intra-op 1, inter-op 3" in lines[1]
+    assert lines[2] == ("ValueError intra_op_threads must be an integer >= 0 "
+                        "(0: TensorFlow's default), got -1")
+    assert lines[3].endswith("got 1.5")

@@ -162,3 +162,19 @@ def test_training_on_tfds_datasets(tmp_path, dataset, shape):
         assert json.load(f)["dataset"] == dataset
     model_input = training.build_model(config, training.datasets.get_info(dataset)).input_shape
     assert model_input == (None,) + shape
+
+
+def test_progress_rate_is_measured_between_lines(monkeypatch):
+    """The logged steps/s is the current rate (bench.py's), not an average since the start."""
+    clock = [100.0]
+    monkeypatch.setattr(training.time, "time", lambda: clock[0])
+    progress = training._Progress(total_steps=1000, start_step=0, batch_size=24)
+    first = progress.line(1, 2.5, 0.5, 0.2, 0)  # after the step that compiled
+    assert "compiling/warm-up" in first and "ETA ?" in first
+    clock[0] += 5.0  # 9 steps in 5 s
+    line = progress.line(10, 2.0, 0.5, 0.2, 0)
+    assert "1.80 steps/s (43.2 images/s)" in line and "ETA 9:10" in line, line
+    clock[0] += 1.0  # 10 steps in 1 s: the rate follows the current speed
+    line = progress.line(20, 2.0, 0.5, 0.2, 3)
+    assert "10.00 steps/s (240.0 images/s)" in line and line.endswith("skipped 3"), line
+    assert progress.rate == 10.0
