@@ -48,11 +48,12 @@ flags.DEFINE_integer("micro_batch_size", None,
                      "gradients (the same gradient with less memory); default: the fast "
                      "setting of capsem.step.TrainStep.", lower_bound=1)
 flags.DEFINE_bool("jit_compile", True, "Compile the training and evaluation steps with XLA.")
-flags.DEFINE_integer("intra_op_threads", 0,
+flags.DEFINE_integer("intra_op_threads", None,
                      "TensorFlow intra-op threads (capsem.step.configure_threads); 0: "
-                     "TensorFlow's default (the number of cores). 1 runs each EM routing kernel "
-                     "on one thread and the kernels of a layer concurrently: faster inference, "
-                     "no faster training on 2 cores (README, Speed).", lower_bound=0)
+                     "TensorFlow's default (the number of cores). Default: 0 with --mode=train, "
+                     "1 with --mode=eval (each EM routing kernel on one thread, the kernels of a "
+                     "layer concurrently: faster inference, no faster training; README, Speed).",
+                     lower_bound=0)
 flags.DEFINE_integer("inter_op_threads", 0,
                      "TensorFlow inter-op threads: operations (EM routing kernels) run "
                      "concurrently; 0: TensorFlow's default (the number of cores).",

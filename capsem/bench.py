@@ -66,10 +66,10 @@ def define_flags():
                       "jit_compile of TrainStep / make_eval_step: 'true' (XLA routing "
                       "kernels), 'false' (no XLA), 'whole' (the whole step in one XLA "
                       "program); default: their default.")
-    flags.DEFINE_integer("intra_op_threads", 0,
+    flags.DEFINE_integer("intra_op_threads", None,
                          "TensorFlow intra-op threads (capsem.step.configure_threads; 0: "
-                         "TensorFlow's default; 1 is faster for inference).",
-                         lower_bound=0)
+                         "TensorFlow's default). Default: the faster setting of the mode, as "
+                         "train.py: 0 for train, 1 for infer.", lower_bound=0)
     flags.DEFINE_integer("inter_op_threads", 0,
                          "tf.config.threading inter-op threads (0: TensorFlow's default).",
                          lower_bound=0)
@@ -86,7 +86,7 @@ def peak_rss_mb():
 
 def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps=10,
                   iterations=3, num_classes=10, image_size=28, channels=1, sizes=None,
-                  stable=False, micro_batch_size=None, jit=None, intra_op_threads=0,
+                  stable=False, micro_batch_size=None, jit=None, intra_op_threads=None,
                   inter_op_threads=0, seed=0):
     """Builds the network, times `steps` steps after `warmup` ones, returns a result dict.
 
@@ -97,6 +97,9 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
       micro_batch_size: None: TrainStep's default; 0: the whole batch; else the size.
       jit: None: the default of TrainStep / make_eval_step; else their
         jit_compile, True, False or "whole".
+      intra_op_threads, inter_op_threads: for `capsem.step.configure_threads`
+        (0: TensorFlow's default); intra_op_threads None: 0 to train, 1 to
+        infer, as train.py.
       Others: see the flags of `define_flags`.
 
     Returns:
@@ -110,6 +113,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     from capsem import nets
     from capsem import step as step_lib
 
+    if intra_op_threads is None:  # train.py's default for the mode
+        intra_op_threads = 1 if mode == "infer" else 0
     step_lib.configure_threads(intra_op_threads, inter_op_threads)
     keras.utils.set_random_seed(seed)
     abcd = dict(CONFIGS[config])
