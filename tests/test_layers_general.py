@@ -253,3 +253,50 @@ def test_errors_mismatched_capsule_counts():
     layer([np.zeros((1, 5, 5, 8, 4, 4), np.float32), np.ones((1, 5, 5, 8), np.float32)])
     with pytest.raises(ValueError, match=r"built for 8 input capsule types .* got 6"):
         layer([np.zeros((1, 5, 5, 6, 4, 4), np.float32), np.ones((1, 5, 5, 6), np.float32)])
+
+
+def _loss_and_grads(layer, poses, acts):
+    """A loss mixing all outputs, and its gradients w.r.t. the weights and both inputs."""
+    with tf.GradientTape() as tape:
+        tape.watch([poses, acts])
+        out_p, out_a = layer([poses, acts])
+        loss = (tf.reduce_sum(tf.sin(3.0 * out_p)) + tf.reduce_sum(out_a * tf.range(
+            1.0, 1.0 + out_a.shape[-1])))
+    return loss, tape.gradient(loss, layer.trainable_variables + [poses, acts])
+
+
+@pytest.mark.parametrize("kind,kernel,stride,iterations,stable", [
+    ("conv", 3, 1, 2, False), ("conv", 5, 2, 4, True), ("conv", 2, 1, 1, False),
+    ("class", None, None, 3, False), ("class", None, None, 2, True)])
+def test_fast_path_matches_eager_outputs_and_gradients(kind, kernel, stride, iterations, stable):
+    """Inside a tf.function routing runs in blocked XLA kernels with a hand-derived gradient.
+
+    Other shapes than the golden files (several uneven blocks, kernels 2 and 5, 1-4
+    iterations, a 3x5 class grid with coordinate addition, the stable mode): outputs and
+    gradients must equal those of the plain TensorFlow ops (autodiff), run eagerly.
+    """
+    keras.utils.set_random_seed(7)
+    rng = np.random.RandomState(7)
+    if kind == "conv":
+        poses, acts = _capsule_inputs(rng, 3, 9, 9, 8)  # M = 3*OH*OW problems, several blocks
+        layer = layers.ConvCaps(16, kernel_size=kernel, strides=stride, iterations=iterations,
+                                stable=stable)
+    else:
+        poses, acts = _capsule_inputs(rng, 4, 3, 5, 16)
+        layer = layers.ClassCaps(7, iterations=iterations, stable=stable)
+    poses, acts = tf.constant(poses), tf.constant(acts)
+    layer([poses, acts])  # builds
+    per_problem = layer.w.shape[1] * layer.w.shape[2] * 16
+    if kind == "conv":
+        assert poses.shape[0] * ((9 - kernel) // stride + 1) ** 2 * per_problem > 2 * (1 << 19)
+    eager_loss, eager_grads = _loss_and_grads(layer, poses, acts)
+    fast_out = tf.function(lambda p, a: layer([p, a]))(poses, acts)
+    eager_out = layer([poses, acts])
+    for fast, eager, what in zip(fast_out, eager_out, ("poses", "activations")):
+        assert_close(fast, eager, 1e-4, what=what)
+    fast_loss, fast_grads = tf.function(lambda p, a: _loss_and_grads(layer, p, a))(poses, acts)
+    assert_close(fast_loss, eager_loss, 1e-5, what="loss")
+    names = [v.name for v in layer.trainable_variables] + ["poses", "activations"]
+    for fast, eager, name in zip(fast_grads, eager_grads, names):
+        assert np.max(np.abs(eager.numpy())) > 0, name
+        assert_close(fast, eager, 5e-4, what=f"gradient of {name}")
