@@ -67,3 +67,15 @@ def test_configure_threads_sets_pools_and_rejects_late_or_bad_calls():
     assert lines[2] == ("ValueError intra_op_threads must be an integer >= 0 "
                         "(0: TensorFlow's default), got -1")
     assert lines[3].endswith("got 1.5")
+
+
+def test_bench_all_runs_each_pair_in_its_own_process():
+    out = _run_bench("--all", "--jit=false", *TINY)
+    rows = [line for line in out.strip().splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| config | mode | images/s | median s/step | peak RSS MB")
+    pairs = [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows[1:]]
+    assert pairs == [("article", "train"), ("article", "infer"), ("small", "train"),
+                     ("small", "infer")]
+    for row in rows[1:]:
+        images_per_sec = float(row.split("|")[3])
+        assert math.isfinite(images_per_sec) and images_per_sec > 0
