@@ -432,6 +432,8 @@ _BLOCK_VOTES = 1 << 19
 # Vote sources: explicit votes (M, I, O, 16), or poses (M, I, 16) and
 # w (I, O, 4, 4), optionally with offsets (I, 16) added to the votes.
 _VOTES, _POSES, _POSES_OFFSETS = "votes", "poses", "poses+offsets"
+#: How many tensors each vote source has.
+_NUM_SOURCES = {_VOTES: 1, _POSES: 2, _POSES_OFFSETS: 3}
 
 
 def _route(source, inputs, a, beta_v, beta_a, iterations, stable):
@@ -528,7 +530,7 @@ def _block_function(source, iterations, stable):
     if key in _BLOCK_FUNCTIONS:
         return _BLOCK_FUNCTIONS[key]
     num_saved = _num_saved(iterations)
-    num_src = {_VOTES: 1, _POSES: 2, _POSES_OFFSETS: 3}[source]
+    num_src = _NUM_SOURCES[source]
 
     def forward(*args):
         src, (a, beta_v, beta_a) = args[:num_src], args[-3:]
@@ -796,7 +798,7 @@ def _vote_gradients(source, args, iterations):
     products: d poses = d votes @ w^T, `(I, G, 4r, 4k)`, and d w = poses^T @
     d votes, `(I, 4k, O, 4c)`.
     """
-    num_src = {_VOTES: 1, _POSES: 2, _POSES_OFFSETS: 3}[source]
+    num_src = _NUM_SOURCES[source]
     src, factors = args[:num_src], list(args[num_src:])
     if source == _VOTES:
         v = src[0]  # (G, I, O, 16)

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 
@@ -235,7 +234,6 @@ class _Progress:
         self.last_step = start_step
         self.last_time = None
         self.rate = 0.0
-        self.tty = sys.stderr.isatty()
 
     def update(self, step):
         """Updates the rate at a progress line of `step`."""
