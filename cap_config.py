@@ -47,12 +47,18 @@ flags.DEFINE_integer("micro_batch_size", None,
                      "Split each batch into micro-batches of this size and sum their "
                      "gradients (the same gradient with less memory); default: the fast "
                      "setting of capsem.step.TrainStep.", lower_bound=1)
-flags.DEFINE_bool("jit_compile", True, "Compile the training and evaluation steps with XLA.")
-flags.DEFINE_integer("intra_op_threads", None,
+flags.DEFINE_bool("jit_compile", True,
+                  "Run the training and evaluation steps as compiled TensorFlow graphs (with "
+                  "--routing_kernels=xla: EM routing in XLA kernels); --nojit_compile: no XLA.")
+flags.DEFINE_enum("routing_kernels", "native", ["native", "xla"],
+                  "EM routing kernels: 'native' (C++ ops of capsem.native, compiled with the "
+                  "machine's C++ compiler on first use, about 10 s; falls back to 'xla' with a "
+                  "warning where they cannot be built) or 'xla' (blocked XLA kernels). The "
+                  "numbers agree to float32 rounding.")
+flags.DEFINE_integer("intra_op_threads", 0,
                      "TensorFlow intra-op threads (capsem.step.configure_threads); 0: "
-                     "TensorFlow's default (the number of cores). Default: 0 with --mode=train, "
-                     "1 with --mode=eval (each EM routing kernel on one thread, the kernels of a "
-                     "layer concurrently: faster inference, no faster training; README, Speed).",
+                     "TensorFlow's default, one per core (the native routing kernels split "
+                     "each layer's routing over them).",
                      lower_bound=0)
 flags.DEFINE_integer("inter_op_threads", 0,
                      "TensorFlow inter-op threads: operations (EM routing kernels) run "
@@ -113,7 +119,7 @@ def config_from_flags(values):
         clip_norm=values.clip_norm, epochs=values.epochs, max_steps=values.max_steps,
         seed=values.seed, deterministic=values.deterministic,
         stable_routing=values.stable_routing, micro_batch_size=values.micro_batch_size,
-        jit_compile=values.jit_compile, log_every_steps=values.log_every_steps,
+        jit_compile=values.jit_compile, routing_kernels=values.routing_kernels, log_every_steps=values.log_every_steps,
         summary_secs=values.summary_secs, histogram_secs=values.histogram_secs,
         checkpoint_secs=values.checkpoint_secs, keep_checkpoints=values.keep_checkpoints,
         eval_every_epoch=values.eval_every_epoch, max_bad_steps=values.max_bad_steps)

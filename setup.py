@@ -19,6 +19,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(exclude=("tests", "tests.*")),
+    # The C++ source of the native EM routing kernels, compiled on first use
+    # (capsem/native.py).
+    package_data={"capsem": ["native/*.cc"]},
     python_requires=">=3.9",
     install_requires=[
         # TF 2.16 is the first release whose tf.keras is Keras 3; 2.21 is tested here.

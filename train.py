@@ -39,10 +39,7 @@ def main(argv):
     from capsem import step, training
     from capsem.errors import CapsemError
 
-    intra = FLAGS.intra_op_threads
-    if intra is None:  # the faster setting of each mode (README, Speed)
-        intra = 1 if FLAGS.mode == "eval" else 0
-    step.configure_threads(intra, FLAGS.inter_op_threads)
+    step.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
 
     config = cap_config.config_from_flags(FLAGS)
     try:

@@ -63,13 +63,16 @@ def define_flags():
                          "TrainStep micro-batch size; default: TrainStep's default; 0: the "
                          "whole batch at once.", lower_bound=0)
     flags.DEFINE_enum("jit", None, ["true", "false", "whole"],
-                      "jit_compile of TrainStep / make_eval_step: 'true' (XLA routing "
-                      "kernels), 'false' (no XLA), 'whole' (the whole step in one XLA "
-                      "program); default: their default.")
-    flags.DEFINE_integer("intra_op_threads", None,
+                      "jit_compile of TrainStep / make_eval_step: 'true' (a TensorFlow "
+                      "graph with the --routing_kernels), 'false' (no XLA), 'whole' (the "
+                      "whole step in one XLA program); default: their default.")
+    flags.DEFINE_integer("intra_op_threads", 0,
                          "TensorFlow intra-op threads (capsem.step.configure_threads; 0: "
-                         "TensorFlow's default). Default: the faster setting of the mode, as "
-                         "train.py: 0 for train, 1 for infer.", lower_bound=0)
+                         "TensorFlow's default, one per core, which the native routing "
+                         "kernels use).", lower_bound=0)
+    flags.DEFINE_enum("routing_kernels", "native", ["native", "xla"],
+                      "EM routing kernels (TrainStep / make_eval_step routing_kernels): "
+                      "'native' (C++ ops of capsem.native) or 'xla' (blocked XLA kernels).")
     flags.DEFINE_integer("inter_op_threads", 0,
                          "tf.config.threading inter-op threads (0: TensorFlow's default).",
                          lower_bound=0)
@@ -86,8 +89,8 @@ def peak_rss_mb():
 
 def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps=10,
                   iterations=3, num_classes=10, image_size=28, channels=1, sizes=None,
-                  stable=False, micro_batch_size=None, jit=None, intra_op_threads=None,
-                  inter_op_threads=0, seed=0):
+                  stable=False, micro_batch_size=None, jit=None, intra_op_threads=0,
+                  inter_op_threads=0, seed=0, routing_kernels="native"):
     """Builds the network, times `steps` steps after `warmup` ones, returns a result dict.
 
     Args:
@@ -98,8 +101,10 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
       jit: None: the default of TrainStep / make_eval_step; else their
         jit_compile, True, False or "whole".
       intra_op_threads, inter_op_threads: for `capsem.step.configure_threads`
-        (0: TensorFlow's default); intra_op_threads None: 0 to train, 1 to
-        infer, as train.py.
+        (0: TensorFlow's default).
+      routing_kernels: "native" or "xla", as `capsem.step.TrainStep`; the
+        result's `routing_kernels` says which ran ("xla" where the native
+        kernels could not be built).
       Others: see the flags of `define_flags`.
 
     Returns:
@@ -110,11 +115,9 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     import tensorflow as tf
     import keras
 
-    from capsem import nets
+    from capsem import native, nets
     from capsem import step as step_lib
 
-    if intra_op_threads is None:  # train.py's default for the mode
-        intra_op_threads = 1 if mode == "infer" else 0
     step_lib.configure_threads(intra_op_threads, inter_op_threads)
     keras.utils.set_random_seed(seed)
     abcd = dict(CONFIGS[config])
@@ -129,6 +132,7 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     labels = tf.constant(rng.randint(0, num_classes, batch_size).astype(np.int32))
 
     kwargs = {} if jit is None else {"jit_compile": jit}
+    kwargs["routing_kernels"] = routing_kernels
     if mode == "train":
         if micro_batch_size is not None:
             kwargs["micro_batch_size"] = micro_batch_size or None
@@ -172,6 +176,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         "peak_rss_mb": peak_rss_mb(),
         "micro_batch_size": used_micro,
         "jit": used_jit,
+        "routing_kernels": ("native" if routing_kernels == "native" and used_jit != "whole"
+                            and native.available() else "xla"),
         "stable": stable,
         "tf_version": tf.__version__,
         "threads": {
@@ -202,7 +208,8 @@ def format_text(result):
     return "\n".join([
         f"config={result['config']} {result['sizes']} mode={result['mode']} "
         f"batch_size={result['batch_size']} iterations={result['iterations']} "
-        f"micro_batch_size={result['micro_batch_size']} jit={result['jit']}",
+        f"micro_batch_size={result['micro_batch_size']} jit={result['jit']} "
+        f"routing_kernels={result['routing_kernels']}",
         f"median {result['median_s_per_step']:.4f} s/step (min {result['min_s_per_step']:.4f}), "
         f"{result['images_per_sec']:.1f} images/s, CPU {result['cpu_s_per_step']:.4f} s/step, "
         f"warmup {result['warmup_s']:.1f} s",
@@ -217,7 +224,7 @@ def _forwarded_flags():
     """Command-line flags passed to every subprocess of `--all`."""
     names = ["A", "B", "C", "D", "batch_size", "warmup", "steps", "iterations", "num_classes",
              "image_size", "channels", "stable", "micro_batch_size", "jit", "intra_op_threads",
-             "inter_op_threads", "seed"]
+             "inter_op_threads", "seed", "routing_kernels"]
     args = []
     for name in names:
         value = FLAGS[name].value
@@ -244,12 +251,13 @@ def run_all(script):
 
 def markdown_table(results):
     """A markdown table of `run_benchmark` results."""
-    lines = ["| config | mode | images/s | median s/step | peak RSS MB | micro-batch | jit |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | mode | images/s | median s/step | peak RSS MB | micro-batch | jit | "
+             "routing kernels |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['config']} | {r['mode']} | {r['images_per_sec']:.1f} | "
                      f"{r['median_s_per_step']:.4f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['micro_batch_size']} | {r['jit']} |")
+                     f"{r['micro_batch_size']} | {r['jit']} | {r['routing_kernels']} |")
     return "\n".join(lines)
 
 
@@ -268,7 +276,7 @@ def main(argv, script=None):
         micro_batch_size=FLAGS.micro_batch_size,
         jit={"true": True, "false": False, "whole": "whole", None: None}[FLAGS.jit],
         intra_op_threads=FLAGS.intra_op_threads, inter_op_threads=FLAGS.inter_op_threads,
-        seed=FLAGS.seed)
+        seed=FLAGS.seed, routing_kernels=FLAGS.routing_kernels)
     if FLAGS.json:
         print(json.dumps(result))
     else:

@@ -33,6 +33,14 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+try:  # private, but the only way to tell that a graph will be compiled by XLA
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+except ImportError:  # pragma: no cover
+    def GraphOrParentsInXlaContext(graph):  # noqa: N802
+        return False
+
+from capsem import native
+
 #: The article's epsilon, used in log(stdv + eps), log(a + eps) and the cost
 #: normalisation.
 EPSILON = 1e-9
@@ -339,8 +347,7 @@ def em_routing(votes, i_activations, beta_v, beta_a, iterations, stable=False,
     poses.set_shape(static_lead.concatenate([num_o, 16]))
     activations.set_shape(static_lead.concatenate([num_o]))
     if return_assignments:
-        rr = tf.reshape(tf.transpose(rr, [0, 2, 1]),
-                        tf.concat([lead_shape, dyn[-3:-1]], 0))  # (..., I, O)
+        rr = tf.reshape(rr, tf.concat([lead_shape, dyn[-3:-1]], 0))  # (..., I, O)
         rr.set_shape(static_lead.concatenate([num_i, num_o]))
         return poses, activations, rr
     return poses, activations
@@ -387,7 +394,7 @@ def _em_routing_from_poses(poses, w, i_activations, beta_v, beta_a, iterations, 
         source, inputs = _POSES_OFFSETS, (poses, w, offsets)
     out_p, out_a, rr = _route(source, inputs, i_activations, beta_v, beta_a, iterations, stable)
     if return_assignments:
-        return out_p, out_a, tf.transpose(rr, [0, 2, 1])  # (M, I, O)
+        return out_p, out_a, rr  # rr (M, I, O)
     return out_p, out_a
 
 
@@ -437,7 +444,11 @@ _NUM_SOURCES = {_VOTES: 1, _POSES: 2, _POSES_OFFSETS: 3}
 
 
 def _route(source, inputs, a, beta_v, beta_a, iterations, stable):
-    """Routes M problems in blocks; returns mean (M, O, 16), act (M, O), rr (M, O, I).
+    """Routes M problems; returns mean (M, O, 16), act (M, O), rr (M, I, O).
+
+    With the native kernels (the default, see `capsem.native`) in one op;
+    otherwise in blocks of XLA kernels (inside a tf.function) or as one
+    block of TensorFlow ops.
 
     Args:
       source: `_VOTES` with inputs `(votes (M, I, O, 16),)`, or `_POSES` /
@@ -445,6 +456,8 @@ def _route(source, inputs, a, beta_v, beta_a, iterations, stable):
         offsets (I, 16)])`.
       a: `(M, I)`; beta_v, beta_a: `(O,)`.
     """
+    if _use_native(inputs[0].dtype):
+        return _route_native(source, inputs, a, beta_v, beta_a, iterations, stable)
     kernel_inputs = _kernel_inputs(source, inputs)
     m = inputs[0].shape[0]
     per_problem = a.shape[1] * beta_v.shape[0] * 16 if a.shape[1] is not None else None
@@ -455,12 +468,36 @@ def _route(source, inputs, a, beta_v, beta_a, iterations, stable):
         sizes = [m // blocks + (1 if b < m % blocks else 0) for b in range(blocks)]
     block_fn = _block_function(source, iterations, stable)
     if len(sizes) == 1:
-        return block_fn(*(x for x, _ in kernel_inputs), a, beta_v, beta_a)
-    # One list per block: the kernel inputs split along their block axes, and a.
-    splits = [tf.split(x, sizes, axis=axis) if axis is not None else [x] * len(sizes)
-              for x, axis in kernel_inputs] + [tf.split(a, sizes)]
-    outs = [block_fn(*args, beta_v, beta_a) for args in zip(*splits)]
-    return tuple(tf.concat([o[k] for o in outs], 0) for k in range(3))
+        mean, act, rr = block_fn(*(x for x, _ in kernel_inputs), a, beta_v, beta_a)
+    else:
+        # One list per block: the kernel inputs split along their block axes, and a.
+        splits = [tf.split(x, sizes, axis=axis) if axis is not None else [x] * len(sizes)
+                  for x, axis in kernel_inputs] + [tf.split(a, sizes)]
+        outs = [block_fn(*args, beta_v, beta_a) for args in zip(*splits)]
+        mean, act, rr = (tf.concat([o[k] for o in outs], 0) for k in range(3))
+    return mean, act, tf.transpose(rr, [0, 2, 1])  # rr (M, I, O)
+
+
+def _route_native(source, inputs, a, beta_v, beta_a, iterations, stable):
+    """`_route` by the native ops (capsem/native/em_routing.cc), one op for all M problems."""
+    lib = native.load()
+    empty = tf.zeros([0], inputs[0].dtype)
+    if source == _VOTES:
+        src, w, offsets = inputs[0], empty, empty  # votes (M, I, O, 16)
+    else:
+        src = inputs[0]  # poses (M, I, 16)
+        w = tf.reshape(inputs[1], [inputs[1].shape[0], inputs[1].shape[1], 16])  # (I, O, 16)
+        offsets = inputs[2] if source == _POSES_OFFSETS else empty  # (I, 16)
+    mean, act, saved_rr, _ = lib.capsem_em_routing(
+        src, w, offsets, a, beta_v, beta_a, iterations=iterations, stable=bool(stable))
+    # mean (M, O, 16), act (M, O), saved_rr (T-1, M, O, I): the E-steps' assignments.
+    if iterations > 1:
+        rr = tf.transpose(saved_rr[-1], [0, 2, 1])  # (M, I, O), used by the last M-step
+    else:
+        num_o = beta_v.shape[0]
+        rr = tf.fill(tf.stack([tf.shape(a)[0], tf.shape(a)[1], num_o]),
+                     tf.constant(1.0 / num_o, a.dtype))  # (M, I, O)
+    return mean, act, tf.stop_gradient(rr)
 
 
 def _kernel_inputs(source, inputs):
@@ -489,6 +526,39 @@ def _kernel_inputs(source, inputs):
 
 _BLOCK_FUNCTIONS = {}
 _SETTINGS = threading.local()
+
+
+@contextlib.contextmanager
+def native_routing_kernels(enabled):
+    """Chooses whether EM routing traced or run from now on uses the native kernels.
+
+    By default (`enabled=True`) EM routing runs in the native CPU ops of
+    `capsem.native` (compiled on first use), eagerly and in tf.functions,
+    when they build and the tensors are float32; within `with
+    native_routing_kernels(False):` it uses the XLA kernels or plain
+    TensorFlow ops as `xla_routing_kernels` says. A function compiled as a
+    whole with XLA must not use them (XLA cannot compile custom ops).
+    """
+    previous = getattr(_SETTINGS, "native", True)
+    _SETTINGS.native = bool(enabled)
+    try:
+        yield
+    finally:
+        _SETTINGS.native = previous
+
+
+def _use_native(dtype):
+    """Whether routing built now runs in the native ops.
+
+    Not inside a function compiled with XLA (`tf.function(jit_compile=True)`,
+    `model.compile(jit_compile=True)`), which cannot contain custom ops.
+    """
+    if not getattr(_SETTINGS, "native", True) or dtype != tf.float32:
+        return False
+    if not tf.executing_eagerly() and GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()):
+        return False
+    return native.available()
 
 
 @contextlib.contextmanager

@@ -11,14 +11,15 @@ result is the same gradient (up to float rounding) with a fraction of the
 memory. A step whose loss or gradients are not finite is not applied: the
 weights and the optimizer state stay as they were, and the step is counted.
 
-Compilation (`jit_compile`): by default the step is a tf.function whose EM
-routing runs in XLA-compiled kernels, one call per block of routing problems
-(see `capsem.ops`), while TensorFlow runs the rest (convolutions, loss,
-optimizer) and runs independent blocks concurrently. For the article's
-network this was 2.5x (training) to 4x (inference) faster than compiling
-the whole step into one XLA program (`jit_compile="whole"`), where XLA
-inlines and re-fuses the kernels, with a quarter of the memory;
-`docs/performance.md` has the measurements.
+Compilation: by default the step is a tf.function whose EM routing runs in
+the native CPU kernels of `capsem.native` (`routing_kernels="native"`, one
+op per layer and its gradient op, compiled with the machine's C++ compiler
+on first use), while TensorFlow runs the rest (convolutions, loss,
+optimizer). `routing_kernels="xla"` routes in blocks of XLA-compiled kernels
+instead (see `capsem.ops`; also the fallback where the native kernels cannot
+be built). `jit_compile="whole"` compiles the whole step into one XLA
+program (no native kernels: XLA cannot compile them), which was the slowest
+and largest setting; `docs/performance.md` has the measurements.
 """
 
 import keras
@@ -56,9 +57,14 @@ class TrainStep:
       micro_batch_size: split each batch into chunks of at most this many
         examples and sum their gradients (same result, less memory); None
         processes the whole batch at once.
-      jit_compile: True (default): EM routing in XLA-compiled kernels inside
-        a TensorFlow graph (the fast setting); "whole": compile the whole step
-        into one XLA program; False: no XLA (TensorFlow ops only).
+      jit_compile: True (default): a TensorFlow graph whose EM routing runs
+        in the kernels `routing_kernels` names; "whole": compile the whole
+        step into one XLA program (plain TensorFlow ops for the routing);
+        False: no XLA (the native kernels, else plain TensorFlow ops).
+      routing_kernels: "native" (default): EM routing in the native CPU ops
+        of `capsem.native`, falling back to the XLA kernels (with a warning)
+        where they cannot be built; "xla": the blocked XLA kernels of
+        `capsem.ops`. The numbers agree to float32 rounding.
       global_step: an int64 `tf.Variable` counting attempted steps (the
         article's `global_step`, which drives the margin); created if None.
 
@@ -70,7 +76,8 @@ class TrainStep:
     """
 
     def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
-                 micro_batch_size=None, jit_compile=True, global_step=None):
+                 micro_batch_size=None, jit_compile=True, global_step=None,
+                 routing_kernels="native"):
         if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, "
@@ -81,12 +88,13 @@ class TrainStep:
         self.clip_norm = clip_norm
         self.micro_batch_size = micro_batch_size
         self.jit_compile = jit_compile
+        self.routing_kernels = routing_kernels
         self.global_step = global_step if global_step is not None else tf.Variable(
             0, dtype=tf.int64, trainable=False, name="global_step")
         self.variables = list(model.trainable_variables)
         optimizer.build(self.variables)
-        self._step = _compile(self._train_step, jit_compile)
-        self._grads = _compile(self._loss_and_grads, jit_compile)
+        self._step = _compile(self._train_step, jit_compile, routing_kernels)
+        self._grads = _compile(self._loss_and_grads, jit_compile, routing_kernels)
 
     def _chunks(self, images, labels):
         size = images.shape[0]
@@ -151,38 +159,43 @@ def _nan_unless_finite(loss, tensors):
     return tf.where(finite, loss, tf.constant(float("nan"), loss.dtype))
 
 
-def make_eval_step(model, jit_compile=True):
+def make_eval_step(model, jit_compile=True, routing_kernels="native"):
     """A compiled inference function: images -> (poses, activations).
 
-    `jit_compile` as in `TrainStep`: True (default) routes in XLA kernels,
-    "whole" compiles the whole function with XLA, False uses no XLA.
+    `jit_compile` and `routing_kernels` as in `TrainStep`.
     """
-    return _compile(lambda images: model(images, training=False), jit_compile)
+    return _compile(lambda images: model(images, training=False), jit_compile, routing_kernels)
 
 
-def _compile(fn, jit_compile):
-    """`fn` as a tf.function compiled as `jit_compile` says (see `TrainStep`)."""
+ROUTING_KERNELS = ("native", "xla")
+
+
+def _compile(fn, jit_compile, routing_kernels="native"):
+    """`fn` as a tf.function compiled as `jit_compile` and `routing_kernels` say."""
     if jit_compile not in (True, False, "whole"):
         raise ValueError(f'jit_compile must be True, False or "whole", got {jit_compile!r}')
+    if routing_kernels not in ROUTING_KERNELS:
+        raise ValueError(f"routing_kernels must be one of {ROUTING_KERNELS}, "
+                         f"got {routing_kernels!r}")
+    native = routing_kernels == "native" and jit_compile != "whole"
 
     def traced(*args):
-        with ops.xla_routing_kernels(jit_compile is True):
+        with ops.xla_routing_kernels(jit_compile is True), ops.native_routing_kernels(native):
             return fn(*args)
 
     return tf.function(traced, jit_compile=jit_compile == "whole")
 
 
-def configure_threads(intra_op_threads=1, inter_op_threads=0):
+def configure_threads(intra_op_threads=0, inter_op_threads=0):
     """Sets the sizes of TensorFlow's CPU thread pools; call it first.
 
-    The routing problems of a capsule layer run as independent blocks of
-    XLA-compiled kernels (see `capsem.ops`), which TensorFlow runs
-    concurrently on its inter-op threads. With the default intra-op pool, XLA
-    also hands parts of every kernel to the intra-op threads, so twice as
-    many threads as cores compete. One intra-op thread (each kernel on the
-    thread that runs it) made inference 1.1x to 1.3x faster on 2 cores, and
-    training no faster (README, "Speed"); `train.py` and `bench.py` take the
-    sizes as flags (`--intra_op_threads`, `--inter_op_threads`).
+    The native routing kernels split the routing problems of a layer over
+    the intra-op pool, so it should have one thread per core (TensorFlow's
+    default, 0). With the XLA routing kernels (`routing_kernels="xla"`),
+    whose blocks run concurrently on the inter-op threads, one intra-op
+    thread made inference 1.1x to 1.3x faster on 2 cores (docs/performance.md).
+    `train.py` and `bench.py` take the sizes as flags (`--intra_op_threads`,
+    `--inter_op_threads`).
 
     TensorFlow fixes its thread pools when it runs its first operation, so
     call this before building a model or creating a tensor.

@@ -63,7 +63,10 @@ class TrainConfig:
       deterministic: make TensorFlow ops deterministic (bit-identical reruns).
       stable_routing: guard EM routing's divisions (see capsem.ops.em_routing).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default).
-      jit_compile: compile the training and evaluation steps with XLA.
+      jit_compile: compile the training and evaluation steps (see
+        `capsem.step.TrainStep`).
+      routing_kernels: "native" or "xla", the EM routing kernels (see
+        `capsem.step.TrainStep`).
       log_every_steps: a log line every this many steps.
       summary_secs: write TensorBoard scalars at most this often (0: every step).
       histogram_secs: write histograms at most this often (0: every summary).
@@ -95,6 +98,7 @@ class TrainConfig:
     stable_routing: bool = False
     micro_batch_size: int = None
     jit_compile: bool = True
+    routing_kernels: str = "native"
     log_every_steps: int = 10
     summary_secs: float = 60.0
     histogram_secs: float = 600.0
@@ -121,6 +125,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0 (0: no limit), got {value!r}")
+        if self.routing_kernels not in step_lib.ROUTING_KERNELS:
+            raise ConfigError(f"routing_kernels must be one of {step_lib.ROUTING_KERNELS}, "
+                              f"got {self.routing_kernels!r}")
         if self.micro_batch_size is not None and (
                 not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1):
             raise ConfigError(f"micro_batch_size must be a positive integer, got "
@@ -392,7 +399,8 @@ def evaluate(config, checkpoint_path=None):
     test_ds = datasets.make_dataset(config.dataset, "test", dataset_dir=config.dataset_dir,
                                     data_source=config.data_source,
                                     batch_size=config.eval_batch_size)
-    result = run_evaluation(model, step_lib.make_eval_step(model, config.jit_compile), test_ds,
+    eval_fn = step_lib.make_eval_step(model, config.jit_compile, config.routing_kernels)
+    result = run_evaluation(model, eval_fn, test_ds,
                             info.num_classes, margin)
     result.update(step=int(global_step.numpy()), checkpoint=path,
                   epoch=int(global_step.numpy()) / steps_per_epoch)
@@ -445,8 +453,10 @@ class _Trainer:
         self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
                                           clip_norm=config.clip_norm,
                                           jit_compile=config.jit_compile,
+                                          routing_kernels=config.routing_kernels,
                                           global_step=self.global_step, **kwargs)
-        self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile)
+        self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile,
+                                              config.routing_kernels)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               global_step=self.global_step,
                                               skipped_steps=self.skipped)

@@ -53,3 +53,33 @@ def golden():
         return cache[name]
 
     return get
+
+
+#: The ways EM routing can run: eagerly with TensorFlow ops ("eager"), in a
+#: tf.function with the blocked XLA kernels ("xla_kernels"), and in the native
+#: ops of capsem.native, eagerly ("native") and in a tf.function ("native_fn").
+ROUTING_PATHS = ("eager", "xla_kernels", "native", "native_fn")
+
+
+def native_or_skip():
+    """Fails if the native kernels do not build; skips only under CAPSEM_NATIVE=0."""
+    from capsem import native
+    if not native.enabled_by_environment():
+        pytest.skip("native routing kernels disabled by CAPSEM_NATIVE=0")
+    native.load()  # raises NativeBuildError with the compiler's message
+
+
+def routed(fn, path):
+    """`fn` running its EM routing on `path` (one of ROUTING_PATHS)."""
+    import tensorflow as tf
+    from capsem import ops
+    use_native = path.startswith("native")
+    if use_native:
+        native_or_skip()
+    compiled = tf.function(fn) if path in ("xla_kernels", "native_fn") else fn
+
+    def run(*args, **kwargs):
+        with ops.native_routing_kernels(use_native):
+            return compiled(*args, **kwargs)
+
+    return run

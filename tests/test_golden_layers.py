@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from capsem import compat, layers, losses, nets
-from conftest import GOLDEN, assert_close, assert_single, golden_weights
+from conftest import (GOLDEN, ROUTING_PATHS, assert_close, assert_single, golden_weights,
+                      routed)
 
 
 def _assign(layer, d, keys):
@@ -40,17 +41,14 @@ def test_primary_caps(golden):
     assert_single(acts, d["out_activations"], "activations")
 
 
-def _maybe_compiled(fn, compiled):
-    """`fn`, or `fn` as a tf.function: the default fast path, routing in XLA kernels."""
-    return tf.function(fn) if compiled else fn
-
-
-COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["eager", "fast_path"])
+#: Every routing path (conftest.ROUTING_PATHS): TensorFlow ops, XLA kernels,
+#: native kernels eagerly and in a tf.function (the default of TrainStep).
+PATHS = pytest.mark.parametrize("path", ROUTING_PATHS)
 
 
 @pytest.mark.parametrize("name", ["conv_caps1", "conv_caps2"])
-@COMPILED
-def test_conv_caps(golden, name, compiled):
+@PATHS
+def test_conv_caps(golden, name, path):
     d = golden(name)
     kh, kw, num_i, num_o = (int(v) for v in d["kernel_shape"])
     layer = layers.ConvCaps(num_o, kernel_size=kh, strides=int(d["stride"]),
@@ -60,14 +58,14 @@ def test_conv_caps(golden, name, compiled):
     weights = golden_weights(d)
     for suffix, var in layer.article_variables().items():
         var.assign(weights[f"{name}/{suffix}"])
-    out = _maybe_compiled(layer.call_with_details, compiled)([tf.constant(x) for x in inputs])
+    out = routed(layer.call_with_details, path)([tf.constant(x) for x in inputs])
     assert_single(out["poses"], d["out_poses"], "poses")
     assert_single(out["activations"], d["out_activations"], "activations")
     # What the layer feeds to EM routing.
     acts_in = tf.reshape(ops_tile_acts(d, kh), d["em_i_activations"].shape)
     np.testing.assert_array_equal(acts_in.numpy(), d["em_i_activations"])
     assert_single(out["votes"][0, 0, 0], d["em_votes_b0_y0_x0"], "votes at (0, 0, 0)")
-    plain = _maybe_compiled(layer, compiled)([tf.constant(x) for x in inputs])
+    plain = routed(layer, path)([tf.constant(x) for x in inputs])
     np.testing.assert_array_equal(plain[0].numpy(), out["poses"].numpy())
 
 
@@ -76,8 +74,8 @@ def ops_tile_acts(d, kernel):
     return ops.kernel_tile(d["inputs_activations"], kernel, int(d["stride"]))
 
 
-@COMPILED
-def test_class_capsules(golden, compiled):
+@PATHS
+def test_class_capsules(golden, path):
     d = golden("class_capsules")
     layer = layers.ClassCaps(int(d["num_classes"]), iterations=int(d["iterations"]),
                              name="class_capsules")
@@ -85,7 +83,7 @@ def test_class_capsules(golden, compiled):
     weights = golden_weights(d)
     for suffix, var in layer.article_variables().items():
         var.assign(weights["class_capsules/" + suffix])
-    out = _maybe_compiled(layer.call_with_details, compiled)(
+    out = routed(layer.call_with_details, path)(
         [tf.constant(d["inputs_poses"]), tf.constant(d["inputs_activations"])])
     assert_single(out["poses"], d["out_poses"], "poses")
     assert_single(out["activations"], d["out_activations"], "activations")
@@ -104,12 +102,12 @@ def article_net(golden):
     return model
 
 
-@COMPILED
-def test_full_network_per_layer_outputs(golden, article_net, compiled):
+@PATHS
+def test_full_network_per_layer_outputs(golden, article_net, path):
     d = golden("capsules_net")
     probe = keras.Model(article_net.input,
                         [article_net.get_layer(n).output for n in nets.LAYER_NAMES])
-    conv1, primary, caps1, caps2, cls = _maybe_compiled(probe, compiled)(tf.constant(d["inputs"]))
+    conv1, primary, caps1, caps2, cls = routed(probe, path)(tf.constant(d["inputs"]))
     assert_close(conv1, d["relu_conv1_out"], 1e-4, what="relu_conv1")
     for name, (poses, acts) in (("primary_caps", primary), ("conv_caps1", caps1),
                                 ("conv_caps2", caps2)):
@@ -119,8 +117,8 @@ def test_full_network_per_layer_outputs(golden, article_net, compiled):
     assert_close(cls[1], d["out_activations"], 1e-4, what="class activations")
 
 
-@COMPILED
-def test_full_network_loss_and_gradients(golden, article_net, compiled):
+@PATHS
+def test_full_network_loss_and_gradients(golden, article_net, path):
     d = golden("capsules_net")
     ipe = int(d["iterations_per_epoch"])
     x = tf.constant(d["inputs"])
@@ -133,7 +131,7 @@ def test_full_network_loss_and_gradients(golden, article_net, compiled):
             loss = losses.spread_loss(d["labels_onehot"], acts, margin)
         return loss, tape.gradient(loss, list(variables.values()) + [x])
 
-    loss_and_grads = _maybe_compiled(loss_and_grads, compiled)
+    loss_and_grads = routed(loss_and_grads, path)
     for step in d["global_steps"]:
         margin = losses.margin_schedule(int(step), ipe)
         assert margin.numpy() == d[f"step{step}_margin"]

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from capsem import ops
-from conftest import assert_single
+from conftest import ROUTING_PATHS, assert_single, routed
 
 
 @pytest.mark.parametrize("prefix", ["stride2", "stride1"])
@@ -44,15 +44,14 @@ def test_inverse_temperatures_schedule():
 
 @pytest.mark.parametrize("name", ["em_routing_conv", "em_routing_class"])
 @pytest.mark.parametrize("stable", [False, True])
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "fast_path"])
-def test_em_routing_outputs(golden, name, stable, compiled):
-    """Eagerly, and inside a tf.function where routing runs in the blocked XLA kernels."""
+@pytest.mark.parametrize("path", ROUTING_PATHS)
+def test_em_routing_outputs(golden, name, stable, path):
+    """On every routing path: TensorFlow ops, XLA kernels, native kernels (eager and traced)."""
     d = golden(name)
     for iterations in d["iterations_list"]:
         def route(votes, i_act, beta_v, beta_a, iterations=int(iterations)):
             return ops.em_routing(votes, i_act, beta_v, beta_a, iterations, stable=stable)
-        if compiled:
-            route = tf.function(route)
+        route = routed(route, path)
         poses, acts = route(*(tf.constant(d[k]) for k in
                               ("votes", "i_activations", "beta_v", "beta_a")))
         assert_single(poses, d[f"iters{iterations}_out_poses"], f"poses, {iterations} iterations")
@@ -108,13 +107,15 @@ def test_em_trace_chained(golden, name):
 
 
 @pytest.mark.parametrize("name", ["em_routing_conv", "em_routing_class"])
-def test_em_routing_assignments_match_trace(golden, name):
+@pytest.mark.parametrize("path", ROUTING_PATHS)
+def test_em_routing_assignments_match_trace(golden, name, path):
     d = golden(name)
-    _, _, rr = ops.em_routing(d["votes"], d["i_activations"], d["beta_v"], d["beta_a"], 3,
-                              return_assignments=True)
+    route = routed(lambda *args, iterations: ops.em_routing(
+        *args, iterations, return_assignments=True), path)
+    args = (d["votes"], d["i_activations"], d["beta_v"], d["beta_a"])
+    _, _, rr = route(*args, iterations=3)
     assert_single(rr, d["trace_e1_rr"][..., 0], "assignments of the last M-step")
-    _, _, rr1 = ops.em_routing(d["votes"], d["i_activations"], d["beta_v"], d["beta_a"], 1,
-                               return_assignments=True)
+    _, _, rr1 = route(*args, iterations=1)
     np.testing.assert_array_equal(rr1.numpy(), np.full(rr1.shape, 1.0 / d["votes"].shape[-2],
                                                        np.float32))
 

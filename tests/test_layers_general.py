@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import numpy_reference as ref
 from capsem import layers, nets, ops
-from conftest import REPO, assert_close
+from conftest import REPO, assert_close, routed
 
 
 def _capsule_inputs(rng, n, h, w, caps):
@@ -301,18 +301,21 @@ def _loss_and_grads(layer, poses, acts, call=None):
     return loss, tape.gradient(loss, layer.trainable_variables + [poses, acts])
 
 
+@pytest.mark.parametrize("path", ["xla_kernels", "native_fn"])
 @pytest.mark.parametrize("kind,kernel,stride,iterations,stable", [
     ("conv", 3, 1, 2, False), ("conv", 5, 2, 4, True), ("conv", 2, 1, 1, False),
     ("class", None, None, 3, False), ("class", None, None, 2, True)])
-def test_fast_path_matches_eager_outputs_and_gradients(kind, kernel, stride, iterations, stable):
-    """Inside a tf.function routing runs in blocked XLA kernels with a hand-derived gradient.
+def test_fast_path_matches_eager_outputs_and_gradients(kind, kernel, stride, iterations, stable,
+                                                       path):
+    """The fast paths: blocked XLA kernels or native kernels, each with a hand-derived gradient.
 
     Other shapes than the golden files (several uneven blocks, kernels 2 and 5, 1-4
-    iterations, a 3x5 class grid with coordinate addition, the stable mode): outputs and
-    gradients must equal those of the layer run eagerly (one block, no XLA, the same
-    hand-derived gradient) and those of the article's own functions differentiated by
-    autodiff (`_article_layer`; faithful routing, which the stable mode matches on such
-    ordinary inputs).
+    iterations, input capsule counts that are not multiples of 16, a 3x5 class grid with
+    coordinate addition, the stable mode): outputs and gradients must equal those of the
+    layer run eagerly with TensorFlow ops (one block, no XLA, no native kernels, the same
+    hand-derived gradient as the XLA kernels) and those of the article's own functions
+    differentiated by autodiff (`_article_layer`; faithful routing, which the stable mode
+    matches on such ordinary inputs).
     """
     keras.utils.set_random_seed(7)
     rng = np.random.RandomState(7)
@@ -328,12 +331,13 @@ def test_fast_path_matches_eager_outputs_and_gradients(kind, kernel, stride, ite
     per_problem = layer.w.shape[1] * layer.w.shape[2] * 16
     if kind == "conv":
         assert poses.shape[0] * ((9 - kernel) // stride + 1) ** 2 * per_problem > 2 * (1 << 19)
-    eager_loss, eager_grads = _loss_and_grads(layer, poses, acts)
-    fast_out = tf.function(lambda p, a: layer([p, a]))(poses, acts)
-    eager_out = layer([poses, acts])
+    eager_loss, eager_grads = routed(lambda p, a: _loss_and_grads(layer, p, a), "eager")(
+        poses, acts)
+    fast_out = routed(lambda p, a: layer([p, a]), path)(poses, acts)
+    eager_out = routed(lambda p, a: layer([p, a]), "eager")(poses, acts)
     for fast, eager, what in zip(fast_out, eager_out, ("poses", "activations")):
         assert_close(fast, eager, 1e-4, what=what)
-    fast_loss, fast_grads = tf.function(lambda p, a: _loss_and_grads(layer, p, a))(poses, acts)
+    fast_loss, fast_grads = routed(lambda p, a: _loss_and_grads(layer, p, a), path)(poses, acts)
     assert_close(fast_loss, eager_loss, 1e-5, what="loss")
     names = [v.name for v in layer.trainable_variables] + ["poses", "activations"]
     for fast, eager, name in zip(fast_grads, eager_grads, names):

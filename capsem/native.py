@@ -1,0 +1,180 @@
+"""Native CPU kernels of EM routing, compiled on first use.
+
+`capsem/native/em_routing.cc` holds two TensorFlow ops, `CapsemEmRouting`
+and its gradient `CapsemEmRoutingGrad`, which route one problem at a time
+with its votes in a per-thread buffer that stays in the core's cache (see
+the comment at the top of the file). They are compiled with the C++
+compiler of the machine (`$CXX`, else `c++`) against the headers of the
+installed TensorFlow, once per source, TensorFlow version and CPU, into a
+cache directory (`$CAPSEM_CACHE_DIR`, else `~/.cache/capsem`), which takes
+about 10 s the first time.
+
+`capsem.ops` uses them for EM routing by default when they build; where
+they cannot (no compiler, TensorFlow without headers, another OS), it falls
+back to the XLA routing kernels with a warning and the same numbers to
+float32 rounding. `CAPSEM_NATIVE=0` in the environment turns them off;
+`capsem.ops.routing_kernels("xla")` does so for functions traced inside it.
+"""
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import tensorflow as tf
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "em_routing.cc")
+_LOCK = threading.Lock()
+_STATE = {}
+
+log = logging.getLogger("capsem")
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded."""
+
+
+def enabled_by_environment():
+    """False when `CAPSEM_NATIVE` is set to 0, false, no or off."""
+    return os.environ.get("CAPSEM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_key():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _flags():
+    # -march=native: the library is built on the machine that runs it (the
+    # cache key holds the CPU's feature flags). AVX-512 FP16 is switched off
+    # because GCC 12 cannot compile Eigen's FP16 code in TensorFlow's headers.
+    compile_flags = list(tf.sysconfig.get_compile_flags())
+    link_flags = list(tf.sysconfig.get_link_flags())
+    return (["-shared", "-fPIC", "-O3", "-fno-math-errno", "-w"], ["-march=native", "-mno-avx512fp16"],
+            compile_flags, link_flags)
+
+
+def library_path():
+    """Where the compiled library for this source, TensorFlow and CPU is cached."""
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    base, arch, compile_flags, link_flags = _flags()
+    key = hashlib.sha256()
+    for part in (source, tf.__version__.encode(), _cpu_key().encode(), sys.platform.encode(),
+                 " ".join(base + arch + compile_flags + link_flags).encode()):
+        key.update(part)
+        key.update(b"\0")
+    cache = os.environ.get("CAPSEM_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "capsem")
+    return os.path.join(cache, f"em_routing-{key.hexdigest()[:16]}.so")
+
+
+def _compile(path):
+    cxx = os.environ.get("CXX")
+    if cxx and not shutil.which(cxx):
+        raise NativeBuildError(f"C++ compiler {cxx!r} ($CXX) not found")
+    cxx = cxx or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise NativeBuildError("no C++ compiler found: install g++ (e.g. apt-get install g++) "
+                               "or set $CXX")
+    base, arch, compile_flags, link_flags = _flags()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    log.warning("capsem: compiling the native EM routing kernels (once, about 10 s) into %s",
+                path)
+    errors = []
+    try:
+        # Without -mno-avx512fp16 if the compiler does not know the flag; then without -march.
+        for extra in (arch, arch[:1], []):
+            cmd = [cxx, *base, *extra, _SOURCE, "-o", tmp, *compile_flags, *link_flags]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode == 0:
+                os.replace(tmp, path)  # atomic: concurrent builds do not see half a file
+                return
+            errors.append(f"$ {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    raise NativeBuildError("compiling the native EM routing kernels failed:\n" + "\n".join(errors))
+
+
+def load():
+    """The loaded op library (compiled first if needed).
+
+    Raises:
+      NativeBuildError: it could not be compiled or loaded; the message says why.
+    """
+    with _LOCK:
+        if "module" in _STATE:
+            return _STATE["module"]
+        if "error" in _STATE:
+            raise _STATE["error"]
+        try:
+            path = library_path()
+            if not os.path.exists(path):
+                _compile(path)
+            try:
+                module = tf.load_op_library(path)
+            except Exception as err:  # a broken cached file: rebuild once
+                log.warning("capsem: reloading %s failed (%s); rebuilding", path, err)
+                os.remove(path)
+                _compile(path)
+                module = tf.load_op_library(path)
+        except (NativeBuildError, OSError, tf.errors.OpError, ValueError) as err:
+            error = err if isinstance(err, NativeBuildError) else NativeBuildError(str(err))
+            _STATE["error"] = error
+            raise error from err
+        _STATE["module"] = module
+        return module
+
+
+def available():
+    """Whether the native kernels are enabled and load (compiling them if needed).
+
+    On the first failure it logs one warning saying why, and the routing
+    uses the XLA kernels.
+    """
+    if not enabled_by_environment():
+        return False
+    try:
+        load()
+        return True
+    except NativeBuildError as err:
+        if not _STATE.get("warned"):
+            _STATE["warned"] = True
+            log.warning("capsem: native EM routing kernels unavailable, using the XLA "
+                        "kernels instead: %s", err)
+        return False
+
+
+@tf.RegisterGradient("CapsemEmRouting")
+def _em_routing_grad(op, g_mean, g_act, g_saved_rr, g_stats):
+    """Gradient of CapsemEmRouting w.r.t. the votes (or poses and w), a, beta_v, beta_a.
+
+    The saved assignments and statistics are internal outputs: gradients
+    arriving at them (e.g. from the diagnostic assignments) are not propagated.
+    """
+    del g_saved_rr, g_stats
+    mean, act, saved_rr, stats = op.outputs
+    if g_mean is None:
+        g_mean = tf.zeros_like(mean)
+    if g_act is None:
+        g_act = tf.zeros_like(act)
+    src, w, offsets, a, beta_v, beta_a = op.inputs
+    g_src, g_w, g_a, g_beta_v, g_beta_a = load().capsem_em_routing_grad(
+        src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act,
+        iterations=op.get_attr("iterations"), stable=op.get_attr("stable"))
+    from_poses = src.shape.rank == 3
+    return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a]

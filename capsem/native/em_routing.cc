@@ -1,0 +1,929 @@
+// Native CPU kernels of EM routing for capsem (see capsem/native.py, capsem/ops.py).
+//
+// Two TensorFlow ops:
+//   CapsemEmRouting      the article's EM routing of M independent problems;
+//   CapsemEmRoutingGrad  its gradient, by the same hand-derived reverse pass
+//                        as capsem.ops._em_backward.
+//
+// The votes come either explicitly, src = votes (M, I, O, 16), or as poses
+// src = (M, I, 16) with w (I, O, 16) (4x4 matrices, row-major) and optional
+// offsets (I, 16): votes[m, i, o] = P[m, i] @ W[i, o] + offsets[i]. Votes
+// from poses are formed one routing problem at a time in a per-thread buffer
+// of I*O*16 floats, which stays in the core's L2 cache for all passes over
+// it, and never exist for the whole batch.
+//
+// Legend: M routing problems, I input capsules, O output capsules, T
+// iterations, h = 4*r + c a pose element (row r, column c), k the inner index
+// of P @ W. Every (i, o) pose is one 16-float vector (`Vec`), so the loops
+// over h are single vector operations (AVX-512: one register).
+//
+// The arithmetic and its order follow capsem.ops._em_forward/_em_backward
+// (the article's formulas), except that sums over h and i are accumulated in
+// other orders (float32 rounding).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/threadpool.h"
+
+namespace capsem {
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+
+constexpr float kEps = 1e-9f;
+
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IVec __attribute__((vector_size(64)));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+inline Vec Splat(float x) { return Vec{} + x; }
+inline float HSum(Vec x) {
+  x += __builtin_shuffle(x, IVec{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  x += __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return x[0];
+}
+
+// Permutations of a 4x4 matrix X (16 floats, row-major), for h = 4r + c:
+//   ColK(X, k)[h] = X[r][k]   (column k broadcast along each row)
+//   RowK(X, k)[h] = X[k][c]   (row k repeated for every r)
+const IVec kCol[4] = {
+    {0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12},
+    {1, 1, 1, 1, 5, 5, 5, 5, 9, 9, 9, 9, 13, 13, 13, 13},
+    {2, 2, 2, 2, 6, 6, 6, 6, 10, 10, 10, 10, 14, 14, 14, 14},
+    {3, 3, 3, 3, 7, 7, 7, 7, 11, 11, 11, 11, 15, 15, 15, 15}};
+const IVec kRow[4] = {
+    {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3},
+    {4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7},
+    {8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11},
+    {12, 13, 14, 15, 12, 13, 14, 15, 12, 13, 14, 15, 12, 13, 14, 15}};
+// For products with a transposed factor (index h' = 4a + b):
+//   Perm(X, kColT[c])[4r + k] = X[k][c]   (column c of X as row r of the result)
+//   Perm(X, kPT[r])[4k + c]   = X[r][k]
+const IVec kColT[4] = {
+    {0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12},
+    {1, 5, 9, 13, 1, 5, 9, 13, 1, 5, 9, 13, 1, 5, 9, 13},
+    {2, 6, 10, 14, 2, 6, 10, 14, 2, 6, 10, 14, 2, 6, 10, 14},
+    {3, 7, 11, 15, 3, 7, 11, 15, 3, 7, 11, 15, 3, 7, 11, 15}};
+const IVec kPT[4] = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
+
+inline Vec Perm(Vec x, const IVec& idx) { return __builtin_shuffle(x, idx); }
+
+// Sums of 16 vectors: out[o] = sum_h x[o][h], by a tree of two-source
+// shuffles (cheaper than 16 horizontal sums). Level with c partial sums per
+// source: output lane j = 4s... holds partial r = j % c of source s = j / c.
+struct SumMasks {
+  IVec left[4], right[4];
+  SumMasks() {
+    int level = 0;
+    for (int c = 8; c >= 1; c /= 2, ++level) {
+      const int n_in = 16 / (2 * c);  // sources per input vector
+      for (int j = 0; j < 16; ++j) {
+        const int src = j / c, r = j % c;
+        const int idx = src < n_in ? src * 2 * c + r : 16 + (src - n_in) * 2 * c + r;
+        left[level][j] = idx;
+        right[level][j] = idx + c;
+      }
+    }
+  }
+};
+const SumMasks kSum;
+
+inline Vec Sums16(const Vec* x) {
+  Vec a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)
+    a[j] = __builtin_shuffle(x[2 * j], x[2 * j + 1], kSum.left[0]) +
+           __builtin_shuffle(x[2 * j], x[2 * j + 1], kSum.right[0]);
+  for (int j = 0; j < 4; ++j)
+    b[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], kSum.left[1]) +
+           __builtin_shuffle(a[2 * j], a[2 * j + 1], kSum.right[1]);
+  for (int j = 0; j < 2; ++j)
+    c[j] = __builtin_shuffle(b[2 * j], b[2 * j + 1], kSum.left[2]) +
+           __builtin_shuffle(b[2 * j], b[2 * j + 1], kSum.right[2]);
+  return __builtin_shuffle(c[0], c[1], kSum.left[3]) + __builtin_shuffle(c[0], c[1], kSum.right[3]);
+}
+
+// exp of 16 floats (Cephes' expf: range reduction by ln 2 and a degree-6
+// polynomial, relative error ~1e-7); inputs below -88.38 give 0.
+inline Vec Exp(Vec x) {
+  const Vec hi = Splat(88.3762626647950f), lo = Splat(-88.3762626647949f);
+  x = x > hi ? hi : x;
+  const IVec tiny = x < lo;
+  x = x < lo ? lo : x;
+  Vec fx = x * 1.44269504088896341f + 0.5f;
+  IVec n = __builtin_convertvector(fx, IVec);  // truncation
+  Vec fn = __builtin_convertvector(n, Vec);
+  fn = fn > fx ? fn - 1.0f : fn;              // floor
+  x = x - fn * 0.693359375f;
+  x = x + fn * 2.12194440e-4f;
+  const Vec z = x * x;
+  Vec y = Splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  n = __builtin_convertvector(fn, IVec);
+  const IVec bits = (n + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(Vec));
+  y = y * scale;
+  return tiny ? Splat(0.0f) : y;
+}
+
+// Flushes denormal results and inputs to zero while in scope (as TensorFlow's
+// own kernels run): tiny assignments and their products would otherwise make
+// the loops many times slower.
+class ScopedFlushDenormal {
+ public:
+#if defined(__SSE__)
+  ScopedFlushDenormal() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~ScopedFlushDenormal() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+// Aligned scratch of n Vecs.
+class VecBuffer {
+ public:
+  explicit VecBuffer(int64_t n) : data_(static_cast<Vec*>(std::aligned_alloc(64, std::max<int64_t>(n, 1) * 64))) {}
+  ~VecBuffer() { std::free(data_); }
+  VecBuffer(const VecBuffer&) = delete;
+  VecBuffer& operator=(const VecBuffer&) = delete;
+  Vec* data() { return data_; }
+  Vec& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  Vec* data_;
+};
+
+struct Problem {
+  int64_t I, O;
+  int T;
+  bool stable;
+  bool from_poses;   // src = poses (M, I, 16) and w; else src = votes (M, I, O, 16)
+  bool has_offsets;
+  const float* w;        // (I, O, 16) if from_poses
+  const float* wt;       // w transposed to (O, I, 16)
+  const float* offsets;  // (I, 16) if has_offsets
+  const float* beta_v;   // (O,)
+  const float* beta_a;   // (O,)
+  std::vector<float> lams;
+};
+
+constexpr int64_t kBlock = 32;  // input capsules per block of Votes / PoseGradients
+
+// Votes of problem m, (O, I) Vecs: v[o][i] = P[i] @ W[i, o] (+ offsets[i]).
+void Votes(const Problem& pb, const float* poses, Vec* v) {
+  const int64_t I = pb.I, O = pb.O;
+  Vec pk[kBlock][4];
+  for (int64_t i0 = 0; i0 < I; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, I - i0);
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec p = Load(poses + 16 * (i0 + j));
+      for (int k = 0; k < 4; ++k) pk[j][k] = Perm(p, kCol[k]);
+    }
+    for (int64_t o = 0; o < O; ++o) {
+      const float* w = pb.wt + 16 * (o * I + i0);
+      Vec* vo = v + o * I + i0;
+      for (int64_t j = 0; j < n; ++j) {
+        const Vec wv = Load(w + 16 * j);
+        Vec x = pk[j][0] * Perm(wv, kRow[0]) + pk[j][1] * Perm(wv, kRow[1]) +
+                pk[j][2] * Perm(wv, kRow[2]) + pk[j][3] * Perm(wv, kRow[3]);
+        if (pb.has_offsets) x += Load(pb.offsets + 16 * (i0 + j));
+        vo[j] = x;
+      }
+    }
+  }
+}
+
+// The statistics of one M-step after the sums over i (per problem):
+// stats = [mean (16), var (16), rr_sum, act] per o.
+constexpr int kStat = 34;
+
+struct CostStats {
+  std::vector<float> cost;  // (O,)
+  float cost_mean, cost_stdv;
+};
+
+// log_stdv (O Vecs), cost, cost_mean, cost_stdv and act from rr_sum and var, as _em_forward.
+void Activations(const Problem& pb, float lam, const float* rr_sum, const Vec* var, Vec* stdv,
+                 Vec* log_stdv, CostStats* cs, float* act) {
+  const int64_t O = pb.O;
+  cs->cost.resize(O);
+  float sum = 0.0f;
+  for (int64_t o = 0; o < O; ++o) {
+    Vec s, l, vv = var[o];
+    for (int h = 0; h < 16; ++h) {
+      s[h] = std::sqrt(vv[h]);
+      l[h] = std::log(s[h] + kEps);
+    }
+    stdv[o] = s;
+    log_stdv[o] = l;
+    cs->cost[o] = HSum(Splat(pb.beta_v[o]) + l) * rr_sum[o];
+    sum += cs->cost[o];
+  }
+  cs->cost_mean = sum / static_cast<float>(O);
+  float var_sum = 0.0f;
+  for (int64_t o = 0; o < O; ++o) {
+    const float d = cs->cost[o] - cs->cost_mean;
+    var_sum += d * d;
+  }
+  float cost_var = var_sum / static_cast<float>(O);
+  if (pb.stable) cost_var += kEps;
+  cs->cost_stdv = std::sqrt(cost_var);
+  for (int64_t o = 0; o < O; ++o) {
+    const float x =
+        lam * (pb.beta_a[o] + (cs->cost_mean - cs->cost[o]) / (cs->cost_stdv + kEps));
+    act[o] = 1.0f / (1.0f + std::exp(-x));
+  }
+}
+
+inline Vec TwoVar(Vec var, Vec stdv, bool stable) {
+  return stable ? 2.0f * var : 2.0f * (stdv * stdv);
+}
+
+// Per-thread buffers. Per-(o, i) scalars are stored o-major with rows of
+// i_pad = I rounded up to 16 (tails zero), so that loops over i are vector
+// loops and the sweeps over the votes run column by column (one o at a time,
+// its I votes then in L1 for a second sweep).
+struct Scratch {
+  explicit Scratch(const Problem& pb)
+      : i_pad((pb.I + 15) / 16 * 16),
+        votes(pb.I * pb.O), gv(pb.I * pb.O),
+        mean(pb.O), var(pb.O), stdv(pb.O), log_stdv(pb.O), inv(pb.O),
+        g_mean(pb.O), g_var(pb.O), g_stdv(pb.O), g_log_stdv(pb.O),
+        rr(pb.O * i_pad), rrp(pb.O * i_pad), zz(pb.O * i_pad), q(pb.O * i_pad),
+        g_rr(pb.O * i_pad), a_pad(i_pad), dot(i_pad),
+        rr_sum(pb.O), act(pb.O), lact(pb.O), lsum(pb.O), g_act(pb.O), g_cost(pb.O),
+        g_zz_sum(pb.O) {}
+  int64_t i_pad;
+  VecBuffer votes, gv;  // (O, I) Vecs
+  VecBuffer mean, var, stdv, log_stdv, inv, g_mean, g_var, g_stdv, g_log_stdv;
+  VecBuffer rr, rrp, zz, q, g_rr, a_pad, dot;  // (O, i_pad) or (i_pad) floats, as Vecs
+  std::vector<float> rr_sum, act, lact, lsum, g_act, g_cost, g_zz_sum;
+  CostStats cs;
+  float* Row(VecBuffer& b, int64_t o) { return reinterpret_cast<float*>(b.data()) + o * i_pad; }
+  float* Flat(VecBuffer& b) { return reinterpret_cast<float*>(b.data()); }
+};
+
+// The votes of problem m as (O, I) Vecs in s->votes.
+const Vec* ProblemVotes(const Problem& pb, const float* src, int64_t m, Scratch* s) {
+  Vec* v = s->votes.data();
+  if (pb.from_poses) {
+    Votes(pb, src + m * pb.I * 16, v);
+  } else {
+    const float* votes = src + m * pb.I * pb.O * 16;  // (I, O, 16)
+    for (int64_t i = 0; i < pb.I; ++i)
+      for (int64_t o = 0; o < pb.O; ++o) v[o * pb.I + i] = Load(votes + 16 * (i * pb.O + o));
+  }
+  return v;
+}
+
+// Copies rows (O, I) into the padded (O, i_pad) buffer, tails zero; fill if src is null.
+void LoadRows(const Problem& pb, Scratch* s, const float* src, float fill, VecBuffer& dst) {
+  for (int64_t o = 0; o < pb.O; ++o) {
+    float* row = s->Row(dst, o);
+    if (src) {
+      std::memcpy(row, src + o * pb.I, sizeof(float) * pb.I);
+    } else {
+      std::fill(row, row + pb.I, fill);
+    }
+    std::fill(row + pb.I, row + s->i_pad, 0.0f);
+  }
+}
+
+void LoadA(const Problem& pb, Scratch* s, const float* am) {
+  float* ap = s->Flat(s->a_pad);
+  std::memcpy(ap, am, sizeof(float) * pb.I);
+  std::fill(ap + pb.I, ap + s->i_pad, 0.0f);
+}
+
+// rr' = rr * a (rows of rrp) and rr_sum = sum_i rr'.
+void WeightedAssignments(const Problem& pb, Scratch* s) {
+  const float* ap = s->Flat(s->a_pad);
+  for (int64_t o = 0; o < pb.O; ++o) {
+    const float* rr = s->Row(s->rr, o);
+    float* rrp = s->Row(s->rrp, o);
+    Vec sum = Splat(0.0f);
+    for (int64_t b = 0; b < s->i_pad; b += 16) {
+      const Vec r = Load(rr + b) * Load(ap + b);
+      Store(rrp + b, r);
+      sum += r;
+    }
+    s->rr_sum[o] = HSum(sum);
+  }
+}
+
+// The M-step's sums over i, column by column: mean and var (O Vecs).
+void MStep(const Problem& pb, const Vec* v, Scratch* s) {
+  const int64_t I = pb.I, O = pb.O;
+  WeightedAssignments(pb, s);
+  for (int64_t o = 0; o < O; ++o) {
+    const float* rrp = s->Row(s->rrp, o);
+    float& rr_sum = s->rr_sum[o];
+    if (pb.stable) rr_sum += kEps;
+    Vec a0 = Splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 4 <= I; i += 4) {
+      a0 += rrp[i] * v[o * I + i];
+      a1 += rrp[i + 1] * v[o * I + i + 1];
+      a2 += rrp[i + 2] * v[o * I + i + 2];
+      a3 += rrp[i + 3] * v[o * I + i + 3];
+    }
+    for (; i < I; ++i) a0 += rrp[i] * v[o * I + i];
+    const Vec mean = ((a0 + a1) + (a2 + a3)) / rr_sum;
+    s->mean[o] = mean;
+    a0 = a1 = a2 = a3 = Splat(0.0f);
+    for (i = 0; i + 4 <= I; i += 4) {
+      const Vec d0 = v[o * I + i] - mean, d1 = v[o * I + i + 1] - mean;
+      const Vec d2 = v[o * I + i + 2] - mean, d3 = v[o * I + i + 3] - mean;
+      a0 += rrp[i] * (d0 * d0);
+      a1 += rrp[i + 1] * (d1 * d1);
+      a2 += rrp[i + 2] * (d2 * d2);
+      a3 += rrp[i + 3] * (d3 * d3);
+    }
+    for (; i < I; ++i) {
+      const Vec d = v[o * I + i] - mean;
+      a0 += rrp[i] * (d * d);
+    }
+    Vec var = ((a0 + a1) + (a2 + a3)) / rr_sum;
+    if (pb.stable) var += kEps;
+    s->var[o] = var;
+  }
+}
+
+// The E-step: rr = softmax_o(log(act + eps) - sum_h dev^2 / two_var - sum_h log_stdv).
+void EStep(const Problem& pb, const Vec* v, Scratch* s) {
+  const int64_t I = pb.I, O = pb.O, i_pad = s->i_pad;
+  Vec x[16];
+  for (int64_t o = 0; o < O; ++o) {
+    const Vec inv = 1.0f / TwoVar(s->var[o], s->stdv[o], pb.stable);
+    const Vec mean = s->mean[o];
+    const float lact = std::log(s->act[o] + kEps), lsum = HSum(s->log_stdv[o]);
+    float* zz = s->Row(s->zz, o);
+    for (int64_t b = 0; b < i_pad; b += 16) {
+      for (int j = 0; j < 16; ++j) {
+        if (b + j < I) {
+          const Vec d = v[o * I + b + j] - mean;
+          x[j] = d * d * inv;
+        } else {
+          x[j] = Splat(0.0f);
+        }
+      }
+      Store(zz + b, lact + (-Sums16(x) - lsum));
+    }
+  }
+  for (int64_t b = 0; b < i_pad; b += 16) {
+    Vec mx = Load(s->Row(s->zz, 0) + b);
+    for (int64_t o = 1; o < O; ++o) {
+      const Vec z = Load(s->Row(s->zz, o) + b);
+      mx = z > mx ? z : mx;
+    }
+    Vec sum = Splat(0.0f);
+    for (int64_t o = 0; o < O; ++o) {
+      float* zz = s->Row(s->zz, o) + b;
+      const Vec e = Exp(Load(zz) - mx);
+      Store(zz, e);
+      sum += e;
+    }
+    for (int64_t o = 0; o < O; ++o) Store(s->Row(s->rr, o) + b, Load(s->Row(s->zz, o) + b) / sum);
+  }
+}
+
+// Forward routing of problem m. Writes the statistics of every iteration,
+// stats[t] (O, 34) = [mean (16), var (16), rr_sum, act] per o, and the
+// assignments of the E-steps, saved_rr[t] (O, I).
+void Forward(const Problem& pb, const float* src, const float* a, int64_t m, Scratch* s,
+             float* stats, int64_t stats_stride, float* saved_rr, int64_t rr_stride) {
+  const int64_t I = pb.I, O = pb.O;
+  const Vec* v = ProblemVotes(pb, src, m, s);
+  LoadA(pb, s, a + m * I);
+  LoadRows(pb, s, nullptr, 1.0f / static_cast<float>(O), s->rr);
+  for (int t = 0; t < pb.T; ++t) {
+    MStep(pb, v, s);
+    Activations(pb, pb.lams[t], s->rr_sum.data(), s->var.data(), s->stdv.data(),
+                s->log_stdv.data(), &s->cs, s->act.data());
+    float* st = stats + t * stats_stride;
+    for (int64_t o = 0; o < O; ++o) {
+      Store(st + kStat * o, s->mean[o]);
+      Store(st + kStat * o + 16, s->var[o]);
+      st[kStat * o + 32] = s->rr_sum[o];
+      st[kStat * o + 33] = s->act[o];
+    }
+    if (t == pb.T - 1) break;
+    EStep(pb, v, s);
+    for (int64_t o = 0; o < O; ++o)
+      std::memcpy(saved_rr + t * rr_stride + o * I, s->Row(s->rr, o), sizeof(float) * I);
+  }
+}
+
+// Gradient of problem m (the reverse pass of capsem.ops._em_backward).
+// Writes d votes into s->gv (O, I) Vecs, g_a (I,)
+// and adds to g_beta_v, g_beta_a (O,).
+void Backward(const Problem& pb, const float* src, const float* a, int64_t m, Scratch* s,
+              const float* stats, int64_t stats_stride, const float* saved_rr,
+              int64_t rr_stride, const float* g_mean_out, const float* g_act_out,
+              float* g_a, float* g_beta_v, float* g_beta_a) {
+  const int64_t I = pb.I, O = pb.O, i_pad = s->i_pad;
+  const int T = pb.T;
+  const Vec* v = ProblemVotes(pb, src, m, s);
+  LoadA(pb, s, a + m * I);
+  const float* ap = s->Flat(s->a_pad);
+  float* dot = s->Flat(s->dot);
+  Vec* gv = s->gv.data();  // (O, I)
+  for (int64_t j = 0; j < I * O; ++j) gv[j] = Splat(0.0f);
+  std::fill(g_a, g_a + I, 0.0f);
+  Vec x[16];
+  for (int t = T - 1; t >= 0; --t) {
+    const bool last = t == T - 1;
+    const float lam = pb.lams[t];
+    const float* st = stats + t * stats_stride;
+    for (int64_t o = 0; o < O; ++o) {
+      s->mean[o] = Load(st + kStat * o);
+      s->var[o] = Load(st + kStat * o + 16);
+      s->rr_sum[o] = st[kStat * o + 32];
+    }
+    Activations(pb, lam, s->rr_sum.data(), s->var.data(), s->stdv.data(), s->log_stdv.data(),
+                &s->cs, s->act.data());
+    for (int64_t o = 0; o < O; ++o) {
+      s->act[o] = st[kStat * o + 33];
+      s->g_mean[o] = last ? Load(g_mean_out + 16 * (m * O + o)) : Splat(0.0f);
+      s->g_act[o] = last ? g_act_out[m * O + o] : 0.0f;
+      s->g_log_stdv[o] = Splat(0.0f);
+      s->g_stdv[o] = Splat(0.0f);
+      s->g_var[o] = Splat(0.0f);
+    }
+    // rr and rr' of this M-step (rr_sum as saved).
+    LoadRows(pb, s, t > 0 ? saved_rr + (t - 1) * rr_stride : nullptr,
+             1.0f / static_cast<float>(O), s->rr);
+    for (int64_t o = 0; o < O; ++o) {
+      const float* rr = s->Row(s->rr, o);
+      float* rrp = s->Row(s->rrp, o);
+      for (int64_t b = 0; b < i_pad; b += 16) Store(rrp + b, Load(rr + b) * Load(ap + b));
+    }
+    if (!last) {
+      // E-step t: rr_next = softmax_o(zz); q = -d loss / d zz, from g_rr (d loss / d rr_next).
+      LoadRows(pb, s, saved_rr + t * rr_stride, 0.0f, s->zz);  // rr_next
+      for (int64_t b = 0; b < i_pad; b += 16) {
+        Vec d = Splat(0.0f);
+        for (int64_t o = 0; o < O; ++o)
+          d += Load(s->Row(s->zz, o) + b) * Load(s->Row(s->g_rr, o) + b);
+        Store(dot + b, d);
+      }
+      for (int64_t o = 0; o < O; ++o) {
+        const float* rn = s->Row(s->zz, o);
+        const float* grn = s->Row(s->g_rr, o);
+        float* q = s->Row(s->q, o);
+        Vec sum = Splat(0.0f);
+        for (int64_t b = 0; b < i_pad; b += 16) {
+          const Vec g_zz = Load(rn + b) * (Load(grn + b) - Load(dot + b));
+          Store(q + b, -g_zz);
+          sum += g_zz;
+        }
+        s->g_zz_sum[o] = HSum(sum);
+        s->g_act[o] += s->g_zz_sum[o] / (s->act[o] + kEps);
+        s->g_log_stdv[o] -= s->g_zz_sum[o];
+      }
+    }
+    // act = sigmoid(lam * (beta_a + (cost_mean - cost) / (cost_stdv + eps)))
+    const CostStats& cs = s->cs;
+    const float inv = 1.0f / (cs.cost_stdv + kEps);
+    float sum_gx = 0.0f, sum_gx_dcost = 0.0f;
+    for (int64_t o = 0; o < O; ++o) {
+      const float g_x = s->g_act[o] * s->act[o] * (1.0f - s->act[o]);
+      g_beta_a[o] += lam * g_x;
+      sum_gx += g_x;
+      sum_gx_dcost += g_x * (cs.cost[o] - cs.cost_mean);
+      s->g_cost[o] = -lam * g_x * inv;
+    }
+    float g_cost_mean = lam * sum_gx * inv;
+    const float g_cost_var = lam * sum_gx_dcost * (inv * inv) / (2.0f * cs.cost_stdv);
+    float sum_dc = 0.0f;
+    for (int64_t o = 0; o < O; ++o) sum_dc += g_cost_var * 2.0f * (cs.cost[o] - cs.cost_mean);
+    g_cost_mean -= sum_dc / static_cast<float>(O);
+    for (int64_t o = 0; o < O; ++o) {
+      s->g_cost[o] += g_cost_var * 2.0f * (cs.cost[o] - cs.cost_mean) / static_cast<float>(O);
+      s->g_cost[o] += g_cost_mean / static_cast<float>(O);
+    }
+    for (int64_t o = 0; o < O; ++o) {
+      const Vec mean = s->mean[o];
+      const float rr_sum = s->rr_sum[o];
+      const float* rrp = s->Row(s->rrp, o);
+      const float* q = s->Row(s->q, o);
+      Vec g_mean = s->g_mean[o], g_var = s->g_var[o], g_stdv = s->g_stdv[o];
+      Vec s_fac = Splat(0.0f);
+      if (!last) {
+        // sum_i q dev and sum_i q dev^2
+        Vec a0 = Splat(0.0f), a1 = a0, b0 = a0, b1 = a0;
+        int64_t i = 0;
+        for (; i + 2 <= I; i += 2) {
+          const Vec d0 = v[o * I + i] - mean, d1 = v[o * I + i + 1] - mean;
+          const Vec qd0 = q[i] * d0, qd1 = q[i + 1] * d1;
+          a0 += qd0;
+          a1 += qd1;
+          b0 += qd0 * d0;
+          b1 += qd1 * d1;
+        }
+        for (; i < I; ++i) {
+          const Vec d = v[o * I + i] - mean;
+          const Vec qd = q[i] * d;
+          a0 += qd;
+          b0 += qd * d;
+        }
+        const Vec q_dev = a0 + a1, q_dev2 = b0 + b1;
+        const Vec two_var = TwoVar(s->var[o], s->stdv[o], pb.stable);
+        const Vec g_two_var = -q_dev2 / (two_var * two_var);
+        if (pb.stable) {
+          g_var += 2.0f * g_two_var;
+        } else {
+          g_stdv += 4.0f * s->stdv[o] * g_two_var;
+        }
+        s_fac = 2.0f / two_var;
+        g_mean -= s_fac * q_dev;
+      }
+      // cost = sum_h (beta_v + log_stdv) * rr_sum
+      const float g_cost = s->g_cost[o];
+      float g_rr_sum = g_cost * HSum(Splat(pb.beta_v[o]) + s->log_stdv[o]);
+      const Vec g_log_stdv = s->g_log_stdv[o] + g_cost * rr_sum;
+      g_beta_v[o] += 16.0f * g_cost * rr_sum;
+      g_stdv += g_log_stdv / (s->stdv[o] + kEps);
+      g_var += g_stdv / (2.0f * s->stdv[o]);
+      const Vec var_raw = pb.stable ? s->var[o] - kEps : s->var[o];
+      g_rr_sum -= HSum(var_raw * g_var + mean * g_mean) / rr_sum;
+      // d loss / d rr' (into g_rr, o's row) and this iteration's vote gradient:
+      // gv += rr' * g_mean / rr_sum + dev * (q * s + rr' * 2 g_var / rr_sum).
+      const Vec mfac = g_mean / rr_sum, ufac = 2.0f * g_var / rr_sum;
+      float* g_rrp = s->Row(s->g_rr, o);
+      for (int64_t b = 0; b < i_pad; b += 16) {
+        for (int j = 0; j < 16; ++j) {
+          const int64_t i = b + j;
+          if (i >= I) {
+            x[j] = Splat(0.0f);
+            continue;
+          }
+          const Vec vv = v[o * I + i];
+          const Vec d = vv - mean;
+          x[j] = d * d * g_var + vv * g_mean;
+          Vec scale = rrp[i] * ufac;
+          if (!last) scale += q[i] * s_fac;
+          gv[o * I + i] += rrp[i] * mfac + d * scale;
+        }
+        Store(g_rrp + b, Sums16(x) / rr_sum + g_rr_sum);
+      }
+    }
+    // rr' = rr * a: d a and d rr' -> d rr_next of the E-step before.
+    for (int64_t b = 0; b < i_pad; b += 16) {
+      Vec ga = Splat(0.0f);
+      const Vec av = Load(ap + b);
+      for (int64_t o = 0; o < O; ++o) {
+        float* g = s->Row(s->g_rr, o) + b;
+        const Vec g_rrp = Load(g);
+        ga += g_rrp * Load(s->Row(s->rr, o) + b);
+        Store(g, g_rrp * av);
+      }
+      for (int j = 0; j < 16 && b + j < I; ++j) g_a[b + j] += ga[j];
+    }
+  }
+}
+
+// d poses (I, 16) of problem m, and d w added to g_wt (O, I, 16), from the
+// vote gradient gv (O, I) Vecs. With G = d votes[i, o] (4x4):
+//   d W[k][c] = sum_r P[r][k] G[r][c];  d P[r][k] = sum_o sum_c G[r][c] W[k][c],
+// the latter as sum_c of Y_k[4r + c] = sum_o G[r][c] W[k][c].
+void PoseGradients(const Problem& pb, const float* poses, const Vec* gv, float* g_p,
+                   float* g_wt) {
+  const int64_t I = pb.I, O = pb.O;
+  Vec pt[kBlock][4], y[kBlock][4];
+  for (int64_t i0 = 0; i0 < I; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, I - i0);
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec p = Load(poses + 16 * (i0 + j));
+      for (int r = 0; r < 4; ++r) {
+        pt[j][r] = Perm(p, kPT[r]);
+        y[j][r] = Splat(0.0f);
+      }
+    }
+    for (int64_t o = 0; o < O; ++o) {
+      const float* w = pb.wt + 16 * (o * I + i0);
+      float* gw = g_wt + 16 * (o * I + i0);
+      const Vec* g = gv + o * I + i0;
+      for (int64_t j = 0; j < n; ++j) {
+        const Vec G = g[j];
+        const Vec dw = pt[j][0] * Perm(G, kRow[0]) + pt[j][1] * Perm(G, kRow[1]) +
+                       pt[j][2] * Perm(G, kRow[2]) + pt[j][3] * Perm(G, kRow[3]);
+        Store(gw + 16 * j, Load(gw + 16 * j) + dw);
+        const Vec wv = Load(w + 16 * j);
+        for (int k = 0; k < 4; ++k) y[j][k] += G * Perm(wv, kRow[k]);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float* out = g_p + 16 * (i0 + j);
+      for (int r = 0; r < 4; ++r)
+        for (int k = 0; k < 4; ++k)
+          out[4 * r + k] = (y[j][k][4 * r] + y[j][k][4 * r + 1]) +
+                           (y[j][k][4 * r + 2] + y[j][k][4 * r + 3]);
+    }
+  }
+}
+
+// w (I, O, 16) -> pb->wt (O, I, 16), the layout of the per-problem loops.
+void TransposeW(Problem* pb, std::vector<float>* wt) {
+  if (!pb->from_poses) return;
+  const int64_t I = pb->I, O = pb->O;
+  wt->resize(I * O * 16);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i)
+      std::memcpy(wt->data() + 16 * (o * I + i), pb->w + 16 * (i * O + o), 16 * sizeof(float));
+  pb->wt = wt->data();
+}
+
+absl::Status CheckInputs(OpKernelContext* ctx, int T, Problem* pb, int64_t* M) {
+  const Tensor& src = ctx->input(0);
+  const Tensor& w = ctx->input(1);
+  const Tensor& off = ctx->input(2);
+  const Tensor& a = ctx->input(3);
+  const Tensor& bv = ctx->input(4);
+  const Tensor& ba = ctx->input(5);
+  if (src.dims() == 3) {
+    pb->from_poses = true;
+    if (src.dim_size(2) != 16 || w.dims() != 3 || w.dim_size(2) != 16 ||
+        w.dim_size(0) != src.dim_size(1))
+      return tensorflow::errors::InvalidArgument(
+          "CapsemEmRouting: poses must be (M, I, 16) and w (I, O, 16), got ",
+          src.shape().DebugString(), " and ", w.shape().DebugString());
+    pb->O = w.dim_size(1);
+  } else if (src.dims() == 4) {
+    pb->from_poses = false;
+    if (src.dim_size(3) != 16)
+      return tensorflow::errors::InvalidArgument(
+          "CapsemEmRouting: votes must be (M, I, O, 16), got ", src.shape().DebugString());
+    pb->O = src.dim_size(2);
+  } else {
+    return tensorflow::errors::InvalidArgument(
+        "CapsemEmRouting: src must be poses (M, I, 16) or votes (M, I, O, 16), got ",
+        src.shape().DebugString());
+  }
+  *M = src.dim_size(0);
+  pb->I = src.dim_size(1);
+  pb->has_offsets = off.NumElements() > 0;
+  if (pb->has_offsets && (!pb->from_poses || off.dims() != 2 || off.dim_size(0) != pb->I ||
+                          off.dim_size(1) != 16))
+    return tensorflow::errors::InvalidArgument(
+        "CapsemEmRouting: offsets must be (I, 16) with poses, got ", off.shape().DebugString());
+  if (a.dims() != 2 || a.dim_size(0) != *M || a.dim_size(1) != pb->I)
+    return tensorflow::errors::InvalidArgument("CapsemEmRouting: a must be (M, I), got ",
+                                               a.shape().DebugString());
+  if (bv.NumElements() != pb->O || ba.NumElements() != pb->O)
+    return tensorflow::errors::InvalidArgument("CapsemEmRouting: beta_v and beta_a need O values");
+  pb->T = T;
+  pb->w = pb->from_poses ? w.flat<float>().data() : nullptr;
+  pb->offsets = pb->has_offsets ? off.flat<float>().data() : nullptr;
+  pb->beta_v = bv.flat<float>().data();
+  pb->beta_a = ba.flat<float>().data();
+  pb->lams.resize(T);
+  const float it_max = std::min(static_cast<float>(T), 3.0f);
+  for (int t = 0; t < T; ++t)
+    pb->lams[t] = static_cast<float>(1.0 + (it_max - 1.0) * t / std::max(1.0, T - 1.0));
+  return absl::OkStatus();
+}
+
+class EmRoutingOp : public OpKernel {
+ public:
+  explicit EmRoutingOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("iterations", &iterations_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("stable", &stable_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    Problem pb;
+    int64_t M;
+    pb.stable = stable_;
+    OP_REQUIRES_OK(ctx, CheckInputs(ctx, iterations_, &pb, &M));
+    const int T = iterations_;
+    const int64_t I = pb.I, O = pb.O;
+    Tensor *mean, *act, *saved_rr, *stats;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({M, O, 16}), &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({M, O}), &act));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({T - 1, M, O, I}), &saved_rr));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({T, M, O, kStat}), &stats));
+    const float* src = ctx->input(0).flat<float>().data();
+    const float* a = ctx->input(3).flat<float>().data();
+    std::vector<float> wt;
+    TransposeW(&pb, &wt);
+    float* mean_p = mean->flat<float>().data();
+    float* act_p = act->flat<float>().data();
+    float* rr_p = saved_rr->flat<float>().data();
+    float* st_p = stats->flat<float>().data();
+    if (M == 0) return;
+    const int64_t st_stride = M * O * kStat, rr_stride = M * I * O;
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    // A few chunks of problems per thread, each with one scratch buffer.
+    const int64_t chunks = std::min<int64_t>(M, std::max(1, pool->NumThreads()) * 4);
+    auto work = [&](int64_t cb, int64_t ce) {
+      ScopedFlushDenormal flush;
+      Scratch s(pb);
+      for (int64_t m = M * cb / chunks; m < M * ce / chunks; ++m) {
+        Forward(pb, src, a, m, &s, st_p + m * O * kStat, st_stride, rr_p + m * I * O, rr_stride);
+        const float* last = st_p + (T - 1) * st_stride + m * O * kStat;
+        for (int64_t o = 0; o < O; ++o) {
+          std::memcpy(mean_p + 16 * (m * O + o), last + kStat * o, 16 * sizeof(float));
+          act_p[m * O + o] = last[kStat * o + 33];
+        }
+      }
+    };
+    pool->ParallelFor(chunks, (M / chunks + 1) * I * O * 16 * 40 * T, work);
+  }
+
+ private:
+  int iterations_;
+  bool stable_;
+};
+
+class EmRoutingGradOp : public OpKernel {
+ public:
+  explicit EmRoutingGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("iterations", &iterations_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("stable", &stable_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    Problem pb;
+    int64_t M;
+    pb.stable = stable_;
+    OP_REQUIRES_OK(ctx, CheckInputs(ctx, iterations_, &pb, &M));
+    const int T = iterations_;
+    const int64_t I = pb.I, O = pb.O;
+    const float* src = ctx->input(0).flat<float>().data();
+    const float* a = ctx->input(3).flat<float>().data();
+    std::vector<float> wt;
+    TransposeW(&pb, &wt);
+    const float* rr_p = ctx->input(6).flat<float>().data();
+    const float* st_p = ctx->input(7).flat<float>().data();
+    const float* g_mean = ctx->input(8).flat<float>().data();
+    const float* g_act = ctx->input(9).flat<float>().data();
+    OP_REQUIRES(ctx, ctx->input(6).NumElements() == (T - 1) * M * I * O &&
+                         ctx->input(7).NumElements() == T * M * O * kStat &&
+                         ctx->input(8).NumElements() == M * O * 16 &&
+                         ctx->input(9).NumElements() == M * O,
+                tensorflow::errors::InvalidArgument("CapsemEmRoutingGrad: inconsistent shapes"));
+    Tensor *g_src, *g_w, *g_a, *g_bv, *g_ba;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &g_src));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            1, pb.from_poses ? ctx->input(1).shape() : TensorShape({0}), &g_w));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({M, I}), &g_a));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({O}), &g_bv));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({O}), &g_ba));
+    float* g_src_p = g_src->flat<float>().data();
+    if (M == 0) {
+      std::fill(g_w->flat<float>().data(), g_w->flat<float>().data() + g_w->NumElements(), 0.0f);
+      std::fill(g_bv->flat<float>().data(), g_bv->flat<float>().data() + O, 0.0f);
+      std::fill(g_ba->flat<float>().data(), g_ba->flat<float>().data() + O, 0.0f);
+      return;
+    }
+    float* g_a_p = g_a->flat<float>().data();
+    const int64_t st_stride = M * O * kStat, rr_stride = M * I * O;
+
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    // Reductions over m (d w, d beta) go to one accumulator per chunk of
+    // problems, summed in chunk order: the result does not depend on timing.
+    const int64_t chunks = std::min<int64_t>(M, std::max(1, pool->NumThreads()) * 2);
+    const int64_t wsize = pb.from_poses ? I * O * 16 : 0;
+    std::vector<float> acc_w(chunks * wsize, 0.0f), acc_b(chunks * 2 * O, 0.0f);
+    auto work = [&](int64_t cb, int64_t ce) {
+      ScopedFlushDenormal flush;
+      Scratch s(pb);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t begin = M * c / chunks, end = M * (c + 1) / chunks;
+        float* bv = acc_b.data() + c * 2 * O;
+        for (int64_t m = begin; m < end; ++m) {
+          Backward(pb, src, a, m, &s, st_p + m * O * kStat, st_stride, rr_p + m * I * O,
+                   rr_stride, g_mean, g_act, g_a_p + m * I, bv, bv + O);
+          if (pb.from_poses) {
+            PoseGradients(pb, src + m * I * 16, s.gv.data(), g_src_p + m * I * 16,
+                          acc_w.data() + c * wsize);
+          } else {  // d votes (I, O, 16)
+            float* g_votes = g_src_p + m * I * O * 16;
+            for (int64_t i = 0; i < I; ++i)
+              for (int64_t o = 0; o < O; ++o) Store(g_votes + 16 * (i * O + o), s.gv[o * I + i]);
+          }
+        }
+      }
+    };
+    pool->ParallelFor(chunks, (M / chunks + 1) * I * O * 16 * 60 * T, work);
+    float* gw = g_w->flat<float>().data();
+    if (pb.from_poses) {
+      std::fill(gw, gw + wsize, 0.0f);
+      for (int64_t c = 0; c < chunks; ++c)  // (O, I, 16) accumulators -> (I, O, 16)
+        for (int64_t o = 0; o < O; ++o)
+          for (int64_t i = 0; i < I; ++i)
+            for (int h = 0; h < 16; ++h)
+              gw[16 * (i * O + o) + h] += acc_w[c * wsize + 16 * (o * I + i) + h];
+    }
+    float* gbv = g_bv->flat<float>().data();
+    float* gba = g_ba->flat<float>().data();
+    std::fill(gbv, gbv + O, 0.0f);
+    std::fill(gba, gba + O, 0.0f);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t o = 0; o < O; ++o) {
+        gbv[o] += acc_b[c * 2 * O + o];
+        gba[o] += acc_b[c * 2 * O + O + o];
+      }
+  }
+
+ private:
+  int iterations_;
+  bool stable_;
+};
+
+}  // namespace
+}  // namespace capsem
+
+using tensorflow::shape_inference::InferenceContext;
+
+REGISTER_OP("CapsemEmRouting")
+    .Input("src: float")
+    .Input("w: float")
+    .Input("offsets: float")
+    .Input("a: float")
+    .Input("beta_v: float")
+    .Input("beta_a: float")
+    .Attr("iterations: int >= 1")
+    .Attr("stable: bool = false")
+    .Output("mean: float")
+    .Output("act: float")
+    .Output("saved_rr: float")
+    .Output("stats: float")
+    .SetShapeFn([](InferenceContext* c) {
+      int iterations;
+      TF_RETURN_IF_ERROR(c->GetAttr("iterations", &iterations));
+      auto src = c->input(0);
+      auto m = c->Dim(src, 0), i = c->Dim(src, 1);
+      auto o = c->Rank(src) == 4 ? c->Dim(src, 2) : c->Dim(c->input(1), 1);
+      c->set_output(0, c->MakeShape({m, o, 16}));
+      c->set_output(1, c->MakeShape({m, o}));
+      c->set_output(2, c->MakeShape({iterations - 1, m, o, i}));
+      c->set_output(3, c->MakeShape({iterations, m, o, capsem::kStat}));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("CapsemEmRoutingGrad")
+    .Input("src: float")
+    .Input("w: float")
+    .Input("offsets: float")
+    .Input("a: float")
+    .Input("beta_v: float")
+    .Input("beta_a: float")
+    .Input("saved_rr: float")
+    .Input("stats: float")
+    .Input("g_mean: float")
+    .Input("g_act: float")
+    .Attr("iterations: int >= 1")
+    .Attr("stable: bool = false")
+    .Output("g_src: float")
+    .Output("g_w: float")
+    .Output("g_a: float")
+    .Output("g_beta_v: float")
+    .Output("g_beta_a: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->Rank(c->input(0)) == 3 ? c->input(1) : c->MakeShape({0}));
+      c->set_output(2, c->input(3));
+      auto o = c->NumElements(c->input(4));
+      c->set_output(3, c->Vector(o));
+      c->set_output(4, c->Vector(o));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("CapsemEmRouting").Device(tensorflow::DEVICE_CPU),
+                        capsem::EmRoutingOp);
+REGISTER_KERNEL_BUILDER(Name("CapsemEmRoutingGrad").Device(tensorflow::DEVICE_CPU),
+                        capsem::EmRoutingGradOp);

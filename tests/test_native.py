@@ -1,0 +1,159 @@
+"""The native EM routing kernels (capsem/native/em_routing.cc) and their fallback."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from capsem import native, ops
+from conftest import REPO, assert_close, native_or_skip, routed
+
+
+def _problem(rng, m, i, o, source):
+    inputs = {
+        "a": rng.uniform(0.05, 1.0, (m, i)).astype(np.float32),
+        "beta_v": rng.normal(size=(o,)).astype(np.float32),
+        "beta_a": rng.normal(size=(o,)).astype(np.float32),
+    }
+    if source == "votes":
+        inputs["votes"] = rng.normal(size=(m, i, o, 16)).astype(np.float32)
+    else:
+        inputs["poses"] = (0.5 * rng.normal(size=(m, i, 16))).astype(np.float32)
+        inputs["w"] = (0.5 * rng.normal(size=(i, o, 4, 4))).astype(np.float32)
+        if source == "offsets":
+            inputs["offsets"] = rng.uniform(0, 0.2, (i, 16)).astype(np.float32)
+    return {k: tf.constant(v) for k, v in inputs.items()}
+
+
+def _route_and_grads(x, iterations, stable):
+    """Outputs, assignments and the gradients of a loss mixing both outputs."""
+    sources = [x[k] for k in ("votes", "poses", "w") if k in x]
+    with tf.GradientTape() as tape:
+        tape.watch(sources + [x["a"], x["beta_v"], x["beta_a"]])
+        if "votes" in x:
+            mean, act, rr = ops.em_routing(x["votes"], x["a"], x["beta_v"], x["beta_a"],
+                                           iterations, stable, return_assignments=True)
+        else:
+            mean, act, rr = ops._em_routing_from_poses(
+                x["poses"], x["w"], x["a"], x["beta_v"], x["beta_a"], iterations, stable,
+                offsets=x.get("offsets"), return_assignments=True)
+        loss = tf.reduce_sum(tf.sin(2.0 * mean)) + tf.reduce_sum(
+            act * tf.range(1.0, 1.0 + act.shape[-1]))
+    grads = tape.gradient(loss, sources + [x["a"], x["beta_v"], x["beta_a"]])
+    return [mean, act, rr] + grads
+
+
+@pytest.mark.parametrize("source", ["votes", "poses", "offsets"])
+@pytest.mark.parametrize("m,i,o,iterations,stable", [
+    (5, 37, 3, 3, False),   # I and O not multiples of 16
+    (3, 16, 17, 2, True),   # O just above 16
+    (1, 5, 3, 1, False),    # one problem, one iteration
+    (4, 60, 8, 4, True),    # four iterations (inverse temperatures 1, 5/3, 7/3, 3)
+])
+def test_native_matches_tensorflow_ops(source, m, i, o, iterations, stable):
+    """Outputs, assignments and every gradient of the native ops against TensorFlow ops."""
+    native_or_skip()
+    x = _problem(np.random.RandomState(m * 100 + i), m, i, o, source)
+    names = ["poses", "activations", "assignments"] + [
+        f"gradient of {k}" for k in ("votes", "poses", "w", "a", "beta_v", "beta_a") if k in x
+        or k in ("a", "beta_v", "beta_a")]
+    ref = routed(_route_and_grads, "eager")(x, iterations, stable)
+    for path in ("native", "native_fn"):
+        out = routed(_route_and_grads, path)(x, iterations, stable)
+        for got, want, name in zip(out, ref, names):
+            assert_close(got, want, 2e-5 if "gradient" not in name else 1e-4,
+                         what=f"{path} {name}")
+
+
+def test_native_ops_are_used_and_deterministic():
+    native_or_skip()
+    x = _problem(np.random.RandomState(0), 40, 72, 8, "poses")
+    fn = tf.function(lambda: _route_and_grads(x, 3, False))
+    graph = fn.get_concrete_function().graph
+    types = {op.type for op in graph.get_operations()}
+    assert {"CapsemEmRouting", "CapsemEmRoutingGrad"} <= types
+    first, second = fn(), fn()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_native_not_used_in_xla_compiled_functions():
+    """XLA cannot compile custom ops: inside jit_compile=True routing uses TensorFlow ops."""
+    native_or_skip()
+    x = _problem(np.random.RandomState(1), 4, 20, 5, "poses")
+    fn = tf.function(lambda: _route_and_grads(x, 2, False), jit_compile=True)
+    out = fn()
+    graph = fn.get_concrete_function().graph
+    assert "CapsemEmRouting" not in {op.type for op in graph.get_operations()}
+    ref = routed(_route_and_grads, "native")(x, 2, False)
+    for got, want in zip(out, ref):
+        assert_close(got, want, 1e-4)
+
+
+def test_native_op_rejects_inconsistent_shapes():
+    native_or_skip()
+    lib = native.load()
+    empty = tf.zeros([0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"a must be \(M, I\)"):
+        lib.capsem_em_routing(tf.zeros([2, 3, 16]), tf.zeros([3, 4, 16]), empty,
+                              tf.zeros([2, 5]), tf.zeros([4]), tf.zeros([4]), iterations=2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"poses must be \(M, I, 16\)"):
+        lib.capsem_em_routing(tf.zeros([2, 3, 16]), tf.zeros([4, 4, 16]), empty,
+                              tf.zeros([2, 3]), tf.zeros([4]), tf.zeros([4]), iterations=2)
+
+
+def test_empty_batch():
+    native_or_skip()
+    x = _problem(np.random.RandomState(2), 3, 10, 4, "poses")
+    x = dict(x, poses=x["poses"][:0], a=x["a"][:0])
+    out = routed(_route_and_grads, "native")(x, 3, False)
+    assert out[0].shape == (0, 4, 16) and out[1].shape == (0, 4)
+    np.testing.assert_array_equal(out[4].numpy(), 0.0)  # d w
+
+
+def _run_python(code, **env):
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+_FALLBACK = (
+    "import numpy as np, tensorflow as tf\n"
+    "from capsem import native, ops\n"
+    "rng = np.random.RandomState(0)\n"
+    "v = tf.constant(rng.normal(size=(2, 6, 3, 16)).astype(np.float32))\n"
+    "a = tf.constant(rng.uniform(size=(2, 6)).astype(np.float32))\n"
+    "b = tf.zeros([3])\n"
+    "p, act = tf.function(lambda: ops.em_routing(v, a, b, b, 3))()\n"
+    "print('available', native.available())\n"
+    "print('result', float(tf.reduce_sum(act)))\n"
+)
+
+
+def test_without_a_compiler_routing_falls_back_with_a_warning(tmp_path):
+    native_or_skip()
+    broken = _run_python(_FALLBACK, CXX="/nonexistent/c++", CAPSEM_CACHE_DIR=str(tmp_path))
+    assert broken.returncode == 0, broken.stderr
+    assert "available False" in broken.stdout
+    assert "native EM routing kernels unavailable, using the XLA kernels" in broken.stderr
+    assert "C++ compiler '/nonexistent/c++' ($CXX) not found" in broken.stderr
+    assert os.listdir(tmp_path) == []  # no half-written library left behind
+    off = _run_python(_FALLBACK, CAPSEM_NATIVE="0", CAPSEM_CACHE_DIR=str(tmp_path))
+    assert off.returncode == 0, off.stderr
+    assert "available False" in off.stdout and "compiling" not in off.stderr
+    good = _run_python(_FALLBACK)
+    assert "available True" in good.stdout
+    result = lambda out: float(out.stdout.split("result ")[1])  # noqa: E731
+    np.testing.assert_allclose(result(broken), result(good), rtol=1e-5)
+    np.testing.assert_allclose(result(off), result(good), rtol=1e-5)
+
+
+def test_library_is_cached_per_source_tensorflow_and_cpu():
+    native_or_skip()
+    path = native.library_path()
+    assert os.path.exists(path)
+    assert tf.__version__ not in path  # a hash, not a name
+    assert path == native.library_path()
