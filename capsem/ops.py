@@ -341,7 +341,8 @@ def em_routing(votes, i_activations, beta_v, beta_a, iterations, stable=False,
     a_in = tf.reshape(i_activations, tf.stack([-1, dyn[-3]]))  # (M, I)
     v.set_shape([static_lead.num_elements(), num_i, num_o, 16])
     a_in.set_shape([static_lead.num_elements(), num_i])
-    poses, activations, rr = _route(_VOTES, (v,), a_in, beta_v, beta_a, iterations, stable)
+    poses, activations, rr = _route(_VOTES, (v,), a_in, beta_v, beta_a, iterations, stable,
+                                    return_assignments)
     poses = tf.reshape(poses, tf.concat([lead_shape, [num_o, 16]], 0))  # (..., O, 16)
     activations = tf.reshape(activations, tf.concat([lead_shape, [num_o]], 0))  # (..., O)
     poses.set_shape(static_lead.concatenate([num_o, 16]))
@@ -392,7 +393,8 @@ def _em_routing_from_poses(poses, w, i_activations, beta_v, beta_a, iterations, 
     else:
         offsets = tf.convert_to_tensor(offsets, dtype=poses.dtype)  # (I, 16)
         source, inputs = _POSES_OFFSETS, (poses, w, offsets)
-    out_p, out_a, rr = _route(source, inputs, i_activations, beta_v, beta_a, iterations, stable)
+    out_p, out_a, rr = _route(source, inputs, i_activations, beta_v, beta_a, iterations, stable,
+                              return_assignments)
     if return_assignments:
         return out_p, out_a, rr  # rr (M, I, O)
     return out_p, out_a
@@ -443,8 +445,11 @@ _VOTES, _POSES, _POSES_OFFSETS = "votes", "poses", "poses+offsets"
 _NUM_SOURCES = {_VOTES: 1, _POSES: 2, _POSES_OFFSETS: 3}
 
 
-def _route(source, inputs, a, beta_v, beta_a, iterations, stable):
+def _route(source, inputs, a, beta_v, beta_a, iterations, stable, need_rr=True):
     """Routes M problems; returns mean (M, O, 16), act (M, O), rr (M, I, O).
+
+    rr is None unless `need_rr` (it is a large tensor, and eagerly it would be
+    computed even when unused).
 
     With the native kernels (the default, see `capsem.native`) in one op;
     otherwise in blocks of XLA kernels (inside a tf.function) or as one
@@ -457,7 +462,7 @@ def _route(source, inputs, a, beta_v, beta_a, iterations, stable):
       a: `(M, I)`; beta_v, beta_a: `(O,)`.
     """
     if _use_native(inputs[0].dtype):
-        return _route_native(source, inputs, a, beta_v, beta_a, iterations, stable)
+        return _route_native(source, inputs, a, beta_v, beta_a, iterations, stable, need_rr)
     kernel_inputs = _kernel_inputs(source, inputs)
     m = inputs[0].shape[0]
     per_problem = a.shape[1] * beta_v.shape[0] * 16 if a.shape[1] is not None else None
@@ -475,10 +480,10 @@ def _route(source, inputs, a, beta_v, beta_a, iterations, stable):
                   for x, axis in kernel_inputs] + [tf.split(a, sizes)]
         outs = [block_fn(*args, beta_v, beta_a) for args in zip(*splits)]
         mean, act, rr = (tf.concat([o[k] for o in outs], 0) for k in range(3))
-    return mean, act, tf.transpose(rr, [0, 2, 1])  # rr (M, I, O)
+    return mean, act, tf.transpose(rr, [0, 2, 1]) if need_rr else None  # rr (M, I, O)
 
 
-def _route_native(source, inputs, a, beta_v, beta_a, iterations, stable):
+def _route_native(source, inputs, a, beta_v, beta_a, iterations, stable, need_rr=True):
     """`_route` by the native ops (capsem/native/em_routing.cc), one op for all M problems."""
     lib = native.load()
     empty = tf.zeros([0], inputs[0].dtype)
@@ -491,6 +496,8 @@ def _route_native(source, inputs, a, beta_v, beta_a, iterations, stable):
     mean, act, saved_rr, _ = lib.capsem_em_routing(
         src, w, offsets, a, beta_v, beta_a, iterations=iterations, stable=bool(stable))
     # mean (M, O, 16), act (M, O), saved_rr (T-1, M, O, I): the E-steps' assignments.
+    if not need_rr:
+        return mean, act, None
     if iterations > 1:
         rr = tf.transpose(saved_rr[-1], [0, 2, 1])  # (M, I, O), used by the last M-step
     else:

@@ -157,3 +157,39 @@ def test_library_is_cached_per_source_tensorflow_and_cpu():
     assert os.path.exists(path)
     assert tf.__version__ not in path  # a hash, not a name
     assert path == native.library_path()
+
+
+def test_saved_model_export_with_and_without_native_ops(tmp_path):
+    """README: a SavedModel using the native ops needs capsem.native.load(); one exported
+    inside native_routing_kernels(False) loads without capsem."""
+    native_or_skip()
+    import keras
+    from capsem import nets
+    keras.utils.set_random_seed(0)
+    model = nets.capsules_net(A=8, B=4, C=4, D=4)
+    x = np.random.RandomState(0).uniform(-1, 1, (3, 28, 28, 1)).astype(np.float32)
+    ref = model(x)[1].numpy()
+    spec = [tf.TensorSpec([None, 28, 28, 1])]
+
+    def export(path):
+        module = tf.Module()
+        module.model = model
+        module.f = tf.function(lambda t: model(t, training=False), input_signature=spec)
+        tf.saved_model.save(module, path)
+        return {op.type for op in module.f.get_concrete_function().graph.get_operations()}
+
+    assert "CapsemEmRouting" in export(str(tmp_path / "native"))
+    with ops.native_routing_kernels(False):
+        assert "CapsemEmRouting" not in export(str(tmp_path / "plain"))
+    loaded = tf.saved_model.load(str(tmp_path / "native"))  # the library is loaded here
+    assert_close(loaded.f(x)[1], ref, 1e-5)
+    np.save(tmp_path / "x.npy", x)
+    out = _run_python(
+        "import numpy as np, tensorflow as tf\n"
+        f"obj = tf.saved_model.load({str(tmp_path / 'plain')!r})\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, obj.f(np.load({str(tmp_path / 'x.npy')!r}))[1])\n"
+        "import sys\n"
+        "print('capsem imported:', 'capsem' in sys.modules)\n")
+    assert out.returncode == 0, out.stderr
+    assert "capsem imported: False" in out.stdout
+    assert_close(np.load(tmp_path / "out.npy"), ref, 1e-4)
