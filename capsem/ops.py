@@ -5,8 +5,10 @@ Jonathan Hui's article "Understanding Matrix capsules with EM Routing", ported
 to TensorFlow 2 with the same element orders and arithmetic, but with a dynamic
 batch size, any kernel size, no tiling of the weights over the batch and the
 routing softmax kept at rank <= 3 (oneDNN, TensorFlow's default CPU build,
-aborts on rank > 5). EM routing runs in fused, blocked kernels with an
-analytic gradient (see "Fused EM routing" below and docs/performance.md).
+aborts on rank > 5). EM routing runs in fused kernels with an analytic
+gradient: by default the native CPU ops of `capsem.native` (C++, compiled on
+first use), otherwise blocked XLA kernels (see "Fused EM routing" below and
+docs/performance.md).
 
 Legend of the symbols used in the shape comments:
 
@@ -279,8 +281,9 @@ def em_routing(votes, i_activations, beta_v, beta_a, iterations, stable=False,
                return_assignments=False):
     """EM routing between capsule layers (article: `matrix_capsules_em_routing`).
 
-    The article's arithmetic, schedule and epsilons, computed by the fused
-    routing kernels of this module (see "Fused EM routing" below): `votes -
+    The article's arithmetic, schedule and epsilons, computed by fused
+    routing kernels: the native ops of `capsem.native` by default, otherwise
+    the XLA kernels of this module (see "Fused EM routing" below): `votes -
     mean` is squared once per iteration and shared by the variance (M-step)
     and the Gaussian log-likelihood (E-step), the weighted sums over the
     input capsules are batched matrix-vector products, the softmax over the
@@ -412,6 +415,11 @@ def _check_beta(beta, num_o, name, dtype):
 # ---------------------------------------------------------------------------
 # Fused EM routing
 # ---------------------------------------------------------------------------
+#
+# By default routing runs in the native ops of capsem/native/em_routing.cc
+# (`_route_native`; `native_routing_kernels`), which follow the same
+# formulas, one problem at a time. Otherwise (no C++ compiler, CAPSEM_NATIVE=0,
+# routing_kernels="xla") the kernels below are used:
 #
 # The M routing problems (output positions) are independent, so they are
 # routed in blocks of G problems. Each block is one call of an XLA-compiled
@@ -570,11 +578,13 @@ def _use_native(dtype):
 
 @contextlib.contextmanager
 def xla_routing_kernels(enabled):
-    """Chooses how EM routing traced inside a tf.function is compiled.
+    """Chooses how EM routing traced inside a tf.function runs without native kernels.
 
-    By default (`enabled=True`) the routing problems are split into blocks
-    and each block runs in XLA-compiled kernels, also when the surrounding
-    tf.function is not compiled with XLA. Within `with
+    Applies where the native kernels are off or cannot be built (see
+    `native_routing_kernels`). By default (`enabled=True`) the routing
+    problems are split into blocks and each block runs in XLA-compiled
+    kernels, also when the surrounding tf.function is not compiled with
+    XLA. Within `with
     xla_routing_kernels(False):`, functions traced from then on route all
     problems as one block with plain TensorFlow ops, which is what a
     tf.function compiled as a whole with XLA should use (it would otherwise
