@@ -71,8 +71,10 @@ def kernel_tile(x, kernel, stride):
     """Gathers the K x K input windows of a VALID convolution (article: `kernel_tile`).
 
     The article builds these windows with a depthwise convolution by a one-hot
-    filter; here each of the K*K kernel offsets is one strided slice, which
-    copies the same values (exactly) without the multiply-adds.
+    filter; here they are one gather of the K*K window positions of every
+    output position, which copies the same values (exactly) without the
+    multiply-adds, and whose gradient is one scatter-add (a sum over the
+    windows that contain each input position).
 
     Args:
       x: poses `(N, H, W, C, 4, 4)` or activations `(N, H, W, C)`.
@@ -96,22 +98,17 @@ def kernel_tile(x, kernel, stride):
         depth = shape[3] if shape[3] is not None else -1
     _check_grid(height, width, kernel, "kernel_tile input", shape)
     dyn = tf.shape(x)
-    x = tf.reshape(x, tf.stack([dyn[0], dyn[1], dyn[2], depth]))  # (N, H, W, D)
-    out_h = (tf.shape(x)[1] - kernel) // stride + 1
-    out_w = (tf.shape(x)[2] - kernel) // stride + 1
-    windows = []
-    for i in range(kernel):
-        for j in range(kernel):
-            windows.append(
-                tf.strided_slice(
-                    x,
-                    [0, i, j, 0],
-                    tf.stack([tf.shape(x)[0], i + (out_h - 1) * stride + 1,
-                              j + (out_w - 1) * stride + 1, tf.shape(x)[3]]),
-                    [1, stride, stride, 1],
-                )
-            )  # (N, OH, OW, D)
-    out = tf.stack(windows, axis=3)  # (N, OH, OW, K*K, D)
+    x = tf.reshape(x, tf.stack([dyn[0], dyn[1] * dyn[2], depth]))  # (N, H*W, D)
+    out_h = (dyn[1] - kernel) // stride + 1
+    out_w = (dyn[2] - kernel) // stride + 1
+    rows = (tf.range(out_h)[:, None, None, None] * stride
+            + tf.range(kernel)[None, None, :, None])  # (OH, 1, K, 1): s*oh + i
+    cols = (tf.range(out_w)[None, :, None, None] * stride
+            + tf.range(kernel)[None, None, None, :])  # (1, OW, 1, K): s*ow + j
+    index = tf.reshape(rows * dyn[2] + cols, [-1])  # (OH*OW*K*K,) positions in H*W
+    out = tf.gather(x, index, axis=1)  # (N, OH*OW*K*K, D)
+    out = tf.reshape(out, tf.stack([dyn[0], out_h, out_w, kernel * kernel, -1]))
+    # (N, OH, OW, K*K, D)
     if height is not None and width is not None:
         out.set_shape([shape[0], (height - kernel) // stride + 1,
                        (width - kernel) // stride + 1, kernel * kernel,

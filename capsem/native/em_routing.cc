@@ -199,6 +199,7 @@ struct Problem {
   std::vector<float> lams;
 };
 
+constexpr int64_t kGradChunks = 16;  // see EmRoutingGradOp
 constexpr int64_t kBlock = 32;  // input capsules per block of Votes / PoseGradients
 
 // Votes of problem m, (O, I) Vecs: v[o][i] = P[i] @ W[i, o] (+ offsets[i]).
@@ -746,8 +747,9 @@ class EmRoutingOp : public OpKernel {
     if (M == 0) return;
     const int64_t st_stride = M * O * kStat, rr_stride = M * I * O;
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    // A few chunks of problems per thread, each with one scratch buffer.
-    const int64_t chunks = std::min<int64_t>(M, std::max(1, pool->NumThreads()) * 4);
+    // Chunks of problems, each with one scratch buffer; several per thread
+    // so that threads that finish early take over the rest.
+    const int64_t chunks = std::min<int64_t>(M, std::max(1, pool->NumThreads()) * 8);
     auto work = [&](int64_t cb, int64_t ce) {
       ScopedFlushDenormal flush;
       Scratch s(pb);
@@ -814,8 +816,10 @@ class EmRoutingGradOp : public OpKernel {
 
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     // Reductions over m (d w, d beta) go to one accumulator per chunk of
-    // problems, summed in chunk order: the result does not depend on timing.
-    const int64_t chunks = std::min<int64_t>(M, std::max(1, pool->NumThreads()) * 2);
+    // problems, summed in chunk order. The chunks are fixed (not per
+    // thread), so the result depends neither on timing nor on the number of
+    // threads; 16 of them balance the load over a few threads.
+    const int64_t chunks = std::min<int64_t>(M, kGradChunks);
     const int64_t wsize = pb.from_poses ? I * O * 16 : 0;
     std::vector<float> acc_w(chunks * wsize, 0.0f), acc_b(chunks * 2 * O, 0.0f);
     auto work = [&](int64_t cb, int64_t ce) {
