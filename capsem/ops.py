@@ -551,12 +551,8 @@ def native_routing_kernels(enabled):
     TensorFlow ops as `xla_routing_kernels` says. A function compiled as a
     whole with XLA must not use them (XLA cannot compile custom ops).
     """
-    previous = getattr(_SETTINGS, "native", True)
-    _SETTINGS.native = bool(enabled)
-    try:
+    with _setting("native", bool(enabled)):
         yield
-    finally:
-        _SETTINGS.native = previous
 
 
 def _use_native(dtype):
@@ -581,19 +577,25 @@ def xla_routing_kernels(enabled):
     `native_routing_kernels`). By default (`enabled=True`) the routing
     problems are split into blocks and each block runs in XLA-compiled
     kernels, also when the surrounding tf.function is not compiled with
-    XLA. Within `with
-    xla_routing_kernels(False):`, functions traced from then on route all
-    problems as one block with plain TensorFlow ops, which is what a
+    XLA. Within `with xla_routing_kernels(False):`, functions traced from
+    then on route all problems as one block with plain TensorFlow ops, which is what a
     tf.function compiled as a whole with XLA should use (it would otherwise
     inline every block's kernels into one large program). Eager execution
     never uses the kernels. The numbers agree to float32 rounding.
     """
-    previous = getattr(_SETTINGS, "xla", True)
-    _SETTINGS.xla = bool(enabled)
+    with _setting("xla", bool(enabled)):
+        yield
+
+
+@contextlib.contextmanager
+def _setting(name, value):
+    """Sets the thread-local routing setting `name` (default True) within the block."""
+    previous = getattr(_SETTINGS, name, True)
+    setattr(_SETTINGS, name, value)
     try:
         yield
     finally:
-        _SETTINGS.xla = previous
+        setattr(_SETTINGS, name, previous)
 
 
 def _use_kernels():

@@ -717,18 +717,36 @@ absl::Status CheckInputs(OpKernelContext* ctx, int T, Problem* pb, int64_t* M) {
   return absl::OkStatus();
 }
 
-class EmRoutingOp : public OpKernel {
+// The attributes and inputs both ops share.
+class EmRoutingBase : public OpKernel {
  public:
-  explicit EmRoutingOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit EmRoutingBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("iterations", &iterations_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("stable", &stable_));
   }
 
+ protected:
+  // Checks the inputs and fills pb (w transposed into wt); returns M.
+  absl::Status Prepare(OpKernelContext* ctx, Problem* pb, std::vector<float>* wt, int64_t* M) {
+    pb->stable = stable_;
+    TF_RETURN_IF_ERROR(CheckInputs(ctx, iterations_, pb, M));
+    TransposeW(pb, wt);
+    return absl::OkStatus();
+  }
+
+  int iterations_;
+  bool stable_;
+};
+
+class EmRoutingOp : public EmRoutingBase {
+ public:
+  using EmRoutingBase::EmRoutingBase;
+
   void Compute(OpKernelContext* ctx) override {
     Problem pb;
+    std::vector<float> wt;
     int64_t M;
-    pb.stable = stable_;
-    OP_REQUIRES_OK(ctx, CheckInputs(ctx, iterations_, &pb, &M));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &pb, &wt, &M));
     const int T = iterations_;
     const int64_t I = pb.I, O = pb.O;
     Tensor *mean, *act, *saved_rr, *stats;
@@ -738,8 +756,6 @@ class EmRoutingOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({T, M, O, kStat}), &stats));
     const float* src = ctx->input(0).flat<float>().data();
     const float* a = ctx->input(3).flat<float>().data();
-    std::vector<float> wt;
-    TransposeW(&pb, &wt);
     float* mean_p = mean->flat<float>().data();
     float* act_p = act->flat<float>().data();
     float* rr_p = saved_rr->flat<float>().data();
@@ -764,30 +780,21 @@ class EmRoutingOp : public OpKernel {
     };
     pool->ParallelFor(chunks, (M / chunks + 1) * I * O * 16 * 40 * T, work);
   }
-
- private:
-  int iterations_;
-  bool stable_;
 };
 
-class EmRoutingGradOp : public OpKernel {
+class EmRoutingGradOp : public EmRoutingBase {
  public:
-  explicit EmRoutingGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("iterations", &iterations_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("stable", &stable_));
-  }
+  using EmRoutingBase::EmRoutingBase;
 
   void Compute(OpKernelContext* ctx) override {
     Problem pb;
+    std::vector<float> wt;
     int64_t M;
-    pb.stable = stable_;
-    OP_REQUIRES_OK(ctx, CheckInputs(ctx, iterations_, &pb, &M));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, &pb, &wt, &M));
     const int T = iterations_;
     const int64_t I = pb.I, O = pb.O;
     const float* src = ctx->input(0).flat<float>().data();
     const float* a = ctx->input(3).flat<float>().data();
-    std::vector<float> wt;
-    TransposeW(&pb, &wt);
     const float* rr_p = ctx->input(6).flat<float>().data();
     const float* st_p = ctx->input(7).flat<float>().data();
     const float* g_mean = ctx->input(8).flat<float>().data();
@@ -862,10 +869,6 @@ class EmRoutingGradOp : public OpKernel {
         gba[o] += acc_b[c * 2 * O + O + o];
       }
   }
-
- private:
-  int iterations_;
-  bool stable_;
 };
 
 }  // namespace
