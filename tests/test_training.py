@@ -178,3 +178,13 @@ def test_progress_rate_is_measured_between_lines(monkeypatch):
     line = progress.line(20, 2.0, 0.5, 0.2, 3)
     assert "10.00 steps/s (240.0 images/s)" in line and line.endswith("skipped 3"), line
     assert progress.rate == 10.0
+
+
+def test_histogram_sample_strides_large_tensors():
+    import tensorflow as tf
+    from capsem import diagnostics
+    small = tf.reshape(tf.range(12.0), [3, 4])
+    np.testing.assert_array_equal(diagnostics.histogram_sample(small, 12).numpy(), np.arange(12.0))
+    big = tf.reshape(tf.range(1000.0), [10, 100])
+    sample = diagnostics.histogram_sample(big, 300).numpy()
+    np.testing.assert_array_equal(sample, np.arange(0.0, 1000.0, 4.0))  # every 4th: 250 values
