@@ -119,7 +119,8 @@ def config_from_flags(values):
         clip_norm=values.clip_norm, epochs=values.epochs, max_steps=values.max_steps,
         seed=values.seed, deterministic=values.deterministic,
         stable_routing=values.stable_routing, micro_batch_size=values.micro_batch_size,
-        jit_compile=values.jit_compile, routing_kernels=values.routing_kernels, log_every_steps=values.log_every_steps,
+        jit_compile=values.jit_compile, routing_kernels=values.routing_kernels,
+        log_every_steps=values.log_every_steps,
         summary_secs=values.summary_secs, histogram_secs=values.histogram_secs,
         checkpoint_secs=values.checkpoint_secs, keep_checkpoints=values.keep_checkpoints,
         eval_every_epoch=values.eval_every_epoch, max_bad_steps=values.max_bad_steps)

@@ -176,8 +176,9 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         "peak_rss_mb": peak_rss_mb(),
         "micro_batch_size": used_micro,
         "jit": used_jit,
-        "routing_kernels": ("native" if routing_kernels == "native" and used_jit != "whole"
-                            and native.available() else "xla"),
+        "routing_kernels": (
+            "native" if step_lib.requests_native_kernels(used_jit, routing_kernels)
+            and native.available() else "xla"),
         "stable": stable,
         "tf_version": tf.__version__,
         "threads": {

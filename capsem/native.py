@@ -13,7 +13,8 @@ about 10 s the first time.
 they cannot (no compiler, TensorFlow without headers, another OS), it falls
 back to the XLA routing kernels with a warning and the same numbers to
 float32 rounding. `CAPSEM_NATIVE=0` in the environment turns them off;
-`capsem.ops.routing_kernels("xla")` does so for functions traced inside it.
+`with capsem.ops.native_routing_kernels(False):` does so for the routing
+built inside it.
 """
 
 import hashlib
@@ -61,8 +62,8 @@ def _flags():
     # because GCC 12 cannot compile Eigen's FP16 code in TensorFlow's headers.
     compile_flags = list(tf.sysconfig.get_compile_flags())
     link_flags = list(tf.sysconfig.get_link_flags())
-    return (["-shared", "-fPIC", "-O3", "-fno-math-errno", "-w"], ["-march=native", "-mno-avx512fp16"],
-            compile_flags, link_flags)
+    return (["-shared", "-fPIC", "-O3", "-fno-math-errno", "-w"],
+            ["-march=native", "-mno-avx512fp16"], compile_flags, link_flags)
 
 
 def library_path():
@@ -175,6 +176,6 @@ def _em_routing_grad(op, g_mean, g_act, g_saved_rr, g_stats):
     src, w, offsets, a, beta_v, beta_a = op.inputs
     g_src, g_w, g_a, g_beta_v, g_beta_a = load().capsem_em_routing_grad(
         src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act,
-        iterations=op.get_attr("iterations"), stable=op.get_attr("stable"))
+        inverse_temperatures=op.get_attr("inverse_temperatures"), stable=op.get_attr("stable"))
     from_poses = src.shape.rank == 3
     return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a]

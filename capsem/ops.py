@@ -499,7 +499,8 @@ def _route_native(source, inputs, a, beta_v, beta_a, iterations, stable, need_rr
         w = tf.reshape(inputs[1], [inputs[1].shape[0], inputs[1].shape[1], 16])  # (I, O, 16)
         offsets = inputs[2] if source == _POSES_OFFSETS else empty  # (I, 16)
     mean, act, saved_rr, _ = lib.capsem_em_routing(
-        src, w, offsets, a, beta_v, beta_a, iterations=iterations, stable=bool(stable))
+        src, w, offsets, a, beta_v, beta_a,
+        inverse_temperatures=inverse_temperatures(iterations), stable=bool(stable))
     # mean (M, O, 16), act (M, O), saved_rr (T-1, M, O, I): the E-steps' assignments.
     if not need_rr:
         return mean, act, None

@@ -170,6 +170,15 @@ def make_eval_step(model, jit_compile=True, routing_kernels="native"):
 ROUTING_KERNELS = ("native", "xla")
 
 
+def requests_native_kernels(jit_compile, routing_kernels):
+    """Whether a step compiled with these settings routes in the native kernels.
+
+    They run where they also build (`capsem.native.available()`); a function
+    compiled as a whole by XLA cannot contain them.
+    """
+    return routing_kernels == "native" and jit_compile != "whole"
+
+
 def _compile(fn, jit_compile, routing_kernels="native"):
     """`fn` as a tf.function compiled as `jit_compile` and `routing_kernels` say."""
     if jit_compile not in (True, False, "whole"):
@@ -177,7 +186,7 @@ def _compile(fn, jit_compile, routing_kernels="native"):
     if routing_kernels not in ROUTING_KERNELS:
         raise ValueError(f"routing_kernels must be one of {ROUTING_KERNELS}, "
                          f"got {routing_kernels!r}")
-    native = routing_kernels == "native" and jit_compile != "whole"
+    native = requests_native_kernels(jit_compile, routing_kernels)
 
     def traced(*args):
         with ops.xla_routing_kernels(jit_compile is True), ops.native_routing_kernels(native):

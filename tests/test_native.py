@@ -99,10 +99,12 @@ def test_native_op_rejects_inconsistent_shapes():
     empty = tf.zeros([0])
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"a must be \(M, I\)"):
         lib.capsem_em_routing(tf.zeros([2, 3, 16]), tf.zeros([3, 4, 16]), empty,
-                              tf.zeros([2, 5]), tf.zeros([4]), tf.zeros([4]), iterations=2)
+                              tf.zeros([2, 5]), tf.zeros([4]), tf.zeros([4]),
+                              inverse_temperatures=[1.0, 2.0])
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"poses must be \(M, I, 16\)"):
         lib.capsem_em_routing(tf.zeros([2, 3, 16]), tf.zeros([4, 4, 16]), empty,
-                              tf.zeros([2, 3]), tf.zeros([4]), tf.zeros([4]), iterations=2)
+                              tf.zeros([2, 3]), tf.zeros([4]), tf.zeros([4]),
+                              inverse_temperatures=[1.0, 2.0])
 
 
 def test_empty_batch():
@@ -151,12 +153,18 @@ def test_without_a_compiler_routing_falls_back_with_a_warning(tmp_path):
     np.testing.assert_allclose(result(off), result(good), rtol=1e-5)
 
 
-def test_library_is_cached_per_source_tensorflow_and_cpu():
+def test_library_is_cached_per_source_in_the_cache_dir(tmp_path, monkeypatch):
+    """The cached library's name follows the source: an edited source is rebuilt."""
     native_or_skip()
     path = native.library_path()
-    assert os.path.exists(path)
-    assert tf.__version__ not in path  # a hash, not a name
-    assert path == native.library_path()
+    assert os.path.exists(path)  # built by native_or_skip
+    monkeypatch.setenv("CAPSEM_CACHE_DIR", str(tmp_path))
+    assert native.library_path() == str(tmp_path / os.path.basename(path))
+    edited = tmp_path / "em_routing.cc"
+    with open(native._SOURCE, encoding="utf-8") as f:
+        edited.write_text(f.read() + "\n// edited\n", encoding="utf-8")
+    monkeypatch.setattr(native, "_SOURCE", str(edited))
+    assert os.path.basename(native.library_path()) != os.path.basename(path)
 
 
 def test_saved_model_export_with_and_without_native_ops(tmp_path):

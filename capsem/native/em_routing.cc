@@ -78,14 +78,7 @@ const IVec kRow[4] = {
     {4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7},
     {8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11},
     {12, 13, 14, 15, 12, 13, 14, 15, 12, 13, 14, 15, 12, 13, 14, 15}};
-// For products with a transposed factor (index h' = 4a + b):
-//   Perm(X, kColT[c])[4r + k] = X[k][c]   (column c of X as row r of the result)
-//   Perm(X, kPT[r])[4k + c]   = X[r][k]
-const IVec kColT[4] = {
-    {0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12},
-    {1, 5, 9, 13, 1, 5, 9, 13, 1, 5, 9, 13, 1, 5, 9, 13},
-    {2, 6, 10, 14, 2, 6, 10, 14, 2, 6, 10, 14, 2, 6, 10, 14},
-    {3, 7, 11, 15, 3, 7, 11, 15, 3, 7, 11, 15, 3, 7, 11, 15}};
+// For the weight gradient: Perm(X, kPT[r])[4k + c] = X[r][k].
 const IVec kPT[4] = {
     {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
     {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
@@ -94,9 +87,9 @@ const IVec kPT[4] = {
 
 inline Vec Perm(Vec x, const IVec& idx) { return __builtin_shuffle(x, idx); }
 
-// Sums of 16 vectors: out[o] = sum_h x[o][h], by a tree of two-source
-// shuffles (cheaper than 16 horizontal sums). Level with c partial sums per
-// source: output lane j = 4s... holds partial r = j % c of source s = j / c.
+// Sums of 16 vectors: out[j] = sum_h x[j][h], by a tree of two-source
+// shuffles (cheaper than 16 horizontal sums). After the level with c partial
+// sums per source, lane j holds partial sum j % c of source j / c.
 struct SumMasks {
   IVec left[4], right[4];
   SumMasks() {
@@ -174,7 +167,8 @@ class ScopedFlushDenormal {
 // Aligned scratch of n Vecs.
 class VecBuffer {
  public:
-  explicit VecBuffer(int64_t n) : data_(static_cast<Vec*>(std::aligned_alloc(64, std::max<int64_t>(n, 1) * 64))) {}
+  explicit VecBuffer(int64_t n)
+      : data_(static_cast<Vec*>(std::aligned_alloc(64, std::max<int64_t>(n, 1) * 64))) {}
   ~VecBuffer() { std::free(data_); }
   VecBuffer(const VecBuffer&) = delete;
   VecBuffer& operator=(const VecBuffer&) = delete;
@@ -280,17 +274,15 @@ struct Scratch {
   explicit Scratch(const Problem& pb)
       : i_pad((pb.I + 15) / 16 * 16),
         votes(pb.I * pb.O), gv(pb.I * pb.O),
-        mean(pb.O), var(pb.O), stdv(pb.O), log_stdv(pb.O), inv(pb.O),
-        g_mean(pb.O), g_var(pb.O), g_stdv(pb.O), g_log_stdv(pb.O),
+        mean(pb.O), var(pb.O), stdv(pb.O), log_stdv(pb.O), g_log_stdv(pb.O),
         rr(pb.O * i_pad), rrp(pb.O * i_pad), zz(pb.O * i_pad), q(pb.O * i_pad),
         g_rr(pb.O * i_pad), a_pad(i_pad), dot(i_pad),
-        rr_sum(pb.O), act(pb.O), lact(pb.O), lsum(pb.O), g_act(pb.O), g_cost(pb.O),
-        g_zz_sum(pb.O) {}
+        rr_sum(pb.O), act(pb.O), g_act(pb.O), g_cost(pb.O) {}
   int64_t i_pad;
   VecBuffer votes, gv;  // (O, I) Vecs
-  VecBuffer mean, var, stdv, log_stdv, inv, g_mean, g_var, g_stdv, g_log_stdv;
+  VecBuffer mean, var, stdv, log_stdv, g_log_stdv;
   VecBuffer rr, rrp, zz, q, g_rr, a_pad, dot;  // (O, i_pad) or (i_pad) floats, as Vecs
-  std::vector<float> rr_sum, act, lact, lsum, g_act, g_cost, g_zz_sum;
+  std::vector<float> rr_sum, act, g_act, g_cost;
   CostStats cs;
   float* Row(VecBuffer& b, int64_t o) { return reinterpret_cast<float*>(b.data()) + o * i_pad; }
   float* Flat(VecBuffer& b) { return reinterpret_cast<float*>(b.data()); }
@@ -467,6 +459,10 @@ void Backward(const Problem& pb, const float* src, const float* a, int64_t m, Sc
   for (int t = T - 1; t >= 0; --t) {
     const bool last = t == T - 1;
     const float lam = pb.lams[t];
+    // rr and rr' of this M-step, then its saved statistics (rr_sum as saved).
+    LoadRows(pb, s, t > 0 ? saved_rr + (t - 1) * rr_stride : nullptr,
+             1.0f / static_cast<float>(O), s->rr);
+    WeightedAssignments(pb, s);
     const float* st = stats + t * stats_stride;
     for (int64_t o = 0; o < O; ++o) {
       s->mean[o] = Load(st + kStat * o);
@@ -477,19 +473,8 @@ void Backward(const Problem& pb, const float* src, const float* a, int64_t m, Sc
                 &s->cs, s->act.data());
     for (int64_t o = 0; o < O; ++o) {
       s->act[o] = st[kStat * o + 33];
-      s->g_mean[o] = last ? Load(g_mean_out + 16 * (m * O + o)) : Splat(0.0f);
       s->g_act[o] = last ? g_act_out[m * O + o] : 0.0f;
       s->g_log_stdv[o] = Splat(0.0f);
-      s->g_stdv[o] = Splat(0.0f);
-      s->g_var[o] = Splat(0.0f);
-    }
-    // rr and rr' of this M-step (rr_sum as saved).
-    LoadRows(pb, s, t > 0 ? saved_rr + (t - 1) * rr_stride : nullptr,
-             1.0f / static_cast<float>(O), s->rr);
-    for (int64_t o = 0; o < O; ++o) {
-      const float* rr = s->Row(s->rr, o);
-      float* rrp = s->Row(s->rrp, o);
-      for (int64_t b = 0; b < i_pad; b += 16) Store(rrp + b, Load(rr + b) * Load(ap + b));
     }
     if (!last) {
       // E-step t: rr_next = softmax_o(zz); q = -d loss / d zz, from g_rr (d loss / d rr_next).
@@ -510,9 +495,9 @@ void Backward(const Problem& pb, const float* src, const float* a, int64_t m, Sc
           Store(q + b, -g_zz);
           sum += g_zz;
         }
-        s->g_zz_sum[o] = HSum(sum);
-        s->g_act[o] += s->g_zz_sum[o] / (s->act[o] + kEps);
-        s->g_log_stdv[o] -= s->g_zz_sum[o];
+        const float g_zz_sum = HSum(sum);
+        s->g_act[o] += g_zz_sum / (s->act[o] + kEps);
+        s->g_log_stdv[o] -= g_zz_sum;
       }
     }
     // act = sigmoid(lam * (beta_a + (cost_mean - cost) / (cost_stdv + eps)))
@@ -540,7 +525,8 @@ void Backward(const Problem& pb, const float* src, const float* a, int64_t m, Sc
       const float rr_sum = s->rr_sum[o];
       const float* rrp = s->Row(s->rrp, o);
       const float* q = s->Row(s->q, o);
-      Vec g_mean = s->g_mean[o], g_var = s->g_var[o], g_stdv = s->g_stdv[o];
+      Vec g_mean = last ? Load(g_mean_out + 16 * (m * O + o)) : Splat(0.0f);
+      Vec g_var = Splat(0.0f), g_stdv = Splat(0.0f);
       Vec s_fac = Splat(0.0f);
       if (!last) {
         // sum_i q dev and sum_i q dev^2
@@ -710,10 +696,6 @@ absl::Status CheckInputs(OpKernelContext* ctx, int T, Problem* pb, int64_t* M) {
   pb->offsets = pb->has_offsets ? off.flat<float>().data() : nullptr;
   pb->beta_v = bv.flat<float>().data();
   pb->beta_a = ba.flat<float>().data();
-  pb->lams.resize(T);
-  const float it_max = std::min(static_cast<float>(T), 3.0f);
-  for (int t = 0; t < T; ++t)
-    pb->lams[t] = static_cast<float>(1.0 + (it_max - 1.0) * t / std::max(1.0, T - 1.0));
   return absl::OkStatus();
 }
 
@@ -721,19 +703,25 @@ absl::Status CheckInputs(OpKernelContext* ctx, int T, Problem* pb, int64_t* M) {
 class EmRoutingBase : public OpKernel {
  public:
   explicit EmRoutingBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("iterations", &iterations_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("inverse_temperatures", &lams_));
+    OP_REQUIRES(ctx, !lams_.empty(),
+                tensorflow::errors::InvalidArgument(
+                    "CapsemEmRouting: inverse_temperatures needs one value per iteration"));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("stable", &stable_));
+    iterations_ = static_cast<int>(lams_.size());
   }
 
  protected:
   // Checks the inputs and fills pb (w transposed into wt); returns M.
   absl::Status Prepare(OpKernelContext* ctx, Problem* pb, std::vector<float>* wt, int64_t* M) {
     pb->stable = stable_;
+    pb->lams = lams_;
     TF_RETURN_IF_ERROR(CheckInputs(ctx, iterations_, pb, M));
     TransposeW(pb, wt);
     return absl::OkStatus();
   }
 
+  std::vector<float> lams_;  // one inverse temperature per iteration
   int iterations_;
   bool stable_;
 };
@@ -883,15 +871,16 @@ REGISTER_OP("CapsemEmRouting")
     .Input("a: float")
     .Input("beta_v: float")
     .Input("beta_a: float")
-    .Attr("iterations: int >= 1")
+    .Attr("inverse_temperatures: list(float)")
     .Attr("stable: bool = false")
     .Output("mean: float")
     .Output("act: float")
     .Output("saved_rr: float")
     .Output("stats: float")
     .SetShapeFn([](InferenceContext* c) {
-      int iterations;
-      TF_RETURN_IF_ERROR(c->GetAttr("iterations", &iterations));
+      std::vector<float> lams;
+      TF_RETURN_IF_ERROR(c->GetAttr("inverse_temperatures", &lams));
+      const int64_t iterations = static_cast<int64_t>(lams.size());
       auto src = c->input(0);
       auto m = c->Dim(src, 0), i = c->Dim(src, 1);
       auto o = c->Rank(src) == 4 ? c->Dim(src, 2) : c->Dim(c->input(1), 1);
@@ -913,7 +902,7 @@ REGISTER_OP("CapsemEmRoutingGrad")
     .Input("stats: float")
     .Input("g_mean: float")
     .Input("g_act: float")
-    .Attr("iterations: int >= 1")
+    .Attr("inverse_temperatures: list(float)")
     .Attr("stable: bool = false")
     .Output("g_src: float")
     .Output("g_w: float")
