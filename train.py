@@ -32,10 +32,33 @@ flags.declare_key_flag("log_dir")
 FLAGS = flags.FLAGS
 
 
+def _without_onednn():
+    """--deterministic: TensorFlow without its oneDNN kernels (before TensorFlow is imported).
+
+    oneDNN's convolutions sum in an order that depends on the threads they get,
+    so their results can differ in the last bits from run to run; TensorFlow's
+    own kernels are deterministic whatever the thread counts
+    (capsem.step.onednn_enabled).
+    """
+    if "tensorflow" in sys.modules:
+        raise RuntimeError("train.py imported TensorFlow before reading --deterministic")
+    value = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if value is None:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+        logging.info("--deterministic: TensorFlow's oneDNN kernels off (TF_ENABLE_ONEDNN_OPTS=0), "
+                     "op determinism on")
+    elif value.strip() != "0":
+        logging.warning("--deterministic with TF_ENABLE_ONEDNN_OPTS=%s: oneDNN's kernels are not "
+                        "guaranteed to be run-to-run deterministic; unset it for bit-identical "
+                        "reruns", value)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
+    if FLAGS.deterministic:
+        _without_onednn()
     from capsem import step, training
     from capsem.errors import CapsemError
 

@@ -237,3 +237,26 @@ def configure_threads(intra_op_threads=0, inter_op_threads=0):
             f"{inter_op_threads}) must be called before TensorFlow runs its first operation "
             f"(it is fixed at intra-op {threading.get_intra_op_parallelism_threads()}, "
             f"inter-op {threading.get_inter_op_parallelism_threads()} now)") from e
+
+
+def onednn_enabled():
+    """Whether TensorFlow runs its oneDNN CPU kernels (None if it cannot tell).
+
+    TensorFlow decides when it is imported, from `TF_ENABLE_ONEDNN_OPTS`
+    (on by default on x86). oneDNN's kernels (the convolutions here) are not
+    guaranteed to be run-to-run deterministic: their order of summation
+    depends on the number of threads they get, which a thread that is busy
+    elsewhere can change, and some of their implementations use atomics
+    (oneDNN's "deterministic" primitive attribute, which TensorFlow does not
+    set). `tf.config.experimental.enable_op_determinism()` does not cover
+    them; TensorFlow's own (Eigen) kernels, used when oneDNN is off, are
+    deterministic whatever the thread counts.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-direct-tensorflow-import
+    except ImportError:
+        return None
+    try:
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except Exception:  # pylint: disable=broad-except
+        return None

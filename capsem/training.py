@@ -60,7 +60,10 @@ class TrainConfig:
       epochs: stop after this many epochs (0: no limit).
       max_steps: stop at this global step (0: no limit).
       seed: seed of the weights and of the data order.
-      deterministic: make TensorFlow ops deterministic (bit-identical reruns).
+      deterministic: make TensorFlow ops deterministic (bit-identical reruns and
+        resumes); needs TensorFlow's oneDNN kernels off (`TF_ENABLE_ONEDNN_OPTS=0`
+        before TensorFlow is imported, as `train.py --deterministic` does), else
+        a warning says why reruns may differ in the last bits.
       stable_routing: guard EM routing's divisions (see capsem.ops.em_routing).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default).
       jit_compile: compile the training and evaluation steps (see
@@ -442,6 +445,13 @@ class _Trainer:
         config = self.config
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
+            if step_lib.onednn_enabled():
+                logging.warning(
+                    "deterministic=True but TensorFlow runs its oneDNN kernels, which are not "
+                    "guaranteed to be run-to-run deterministic (their results depend on the "
+                    "threads they get): set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is "
+                    "imported for bit-identical reruns and resumes (train.py --deterministic "
+                    "does)")
         keras.utils.set_random_seed(config.seed)
         self.model = build_model(config, self.info)
         self.optimizer = step_lib.make_optimizer(config.learning_rate, config.adam_epsilon)
