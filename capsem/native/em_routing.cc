@@ -271,13 +271,16 @@ inline Vec TwoVar(Vec var, Vec stdv, bool stable) {
 // loops and the sweeps over the votes run column by column (one o at a time,
 // its I votes then in L1 for a second sweep).
 struct Scratch {
-  explicit Scratch(const Problem& pb)
+  // backward: also the buffers of the reverse pass (gv, g_log_stdv, q, g_rr,
+  // dot, g_act, g_cost), which the forward op does not use.
+  Scratch(const Problem& pb, bool backward)
       : i_pad((pb.I + 15) / 16 * 16),
-        votes(pb.I * pb.O), gv(pb.I * pb.O),
-        mean(pb.O), var(pb.O), stdv(pb.O), log_stdv(pb.O), g_log_stdv(pb.O),
-        rr(pb.O * i_pad), rrp(pb.O * i_pad), zz(pb.O * i_pad), q(pb.O * i_pad),
-        g_rr(pb.O * i_pad), a_pad(i_pad), dot(i_pad),
-        rr_sum(pb.O), act(pb.O), g_act(pb.O), g_cost(pb.O) {}
+        votes(pb.I * pb.O), gv(backward ? pb.I * pb.O : 0),
+        mean(pb.O), var(pb.O), stdv(pb.O), log_stdv(pb.O), g_log_stdv(backward ? pb.O : 0),
+        rr(pb.O * i_pad), rrp(pb.O * i_pad), zz(pb.O * i_pad),
+        q(backward ? pb.O * i_pad : 0), g_rr(backward ? pb.O * i_pad : 0), a_pad(i_pad),
+        dot(backward ? i_pad : 0), rr_sum(pb.O), act(pb.O),
+        g_act(backward ? pb.O : 0), g_cost(backward ? pb.O : 0) {}
   int64_t i_pad;
   VecBuffer votes, gv;  // (O, I) Vecs
   VecBuffer mean, var, stdv, log_stdv, g_log_stdv;
@@ -756,7 +759,7 @@ class EmRoutingOp : public EmRoutingBase {
     const int64_t chunks = std::min<int64_t>(M, std::max(1, pool->NumThreads()) * 8);
     auto work = [&](int64_t cb, int64_t ce) {
       ScopedFlushDenormal flush;
-      Scratch s(pb);
+      Scratch s(pb, /*backward=*/false);
       for (int64_t m = M * cb / chunks; m < M * ce / chunks; ++m) {
         Forward(pb, src, a, m, &s, st_p + m * O * kStat, st_stride, rr_p + m * I * O, rr_stride);
         const float* last = st_p + (T - 1) * st_stride + m * O * kStat;
@@ -819,7 +822,7 @@ class EmRoutingGradOp : public EmRoutingBase {
     std::vector<float> acc_w(chunks * wsize, 0.0f), acc_b(chunks * 2 * O, 0.0f);
     auto work = [&](int64_t cb, int64_t ce) {
       ScopedFlushDenormal flush;
-      Scratch s(pb);
+      Scratch s(pb, /*backward=*/true);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t begin = M * c / chunks, end = M * (c + 1) / chunks;
         float* bv = acc_b.data() + c * 2 * O;
