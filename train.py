@@ -42,12 +42,11 @@ def _without_onednn():
     """
     if "tensorflow" in sys.modules:
         raise RuntimeError("train.py imported TensorFlow before reading --deterministic")
-    value = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    if value is None:
-        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    value = os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    if value.strip() == "0":
         logging.info("--deterministic: TensorFlow's oneDNN kernels off (TF_ENABLE_ONEDNN_OPTS=0), "
                      "op determinism on")
-    elif value.strip() != "0":
+    else:
         logging.warning("--deterministic with TF_ENABLE_ONEDNN_OPTS=%s: oneDNN's kernels are not "
                         "guaranteed to be run-to-run deterministic; unset it for bit-identical "
                         "reruns", value)

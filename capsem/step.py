@@ -245,10 +245,10 @@ def onednn_enabled():
     TensorFlow decides when it is imported, from `TF_ENABLE_ONEDNN_OPTS`
     (on by default on x86). oneDNN's kernels (the convolutions here) are not
     guaranteed to be run-to-run deterministic: their order of summation
-    depends on the number of threads they get, which a thread that is busy
-    elsewhere can change, and some of their implementations use atomics
-    (oneDNN's "deterministic" primitive attribute, which TensorFlow does not
-    set). `tf.config.experimental.enable_op_determinism()` does not cover
+    depends on the number of threads they get (the intra-op pool's size;
+    one thread when called from a thread of that pool), and some of their
+    implementations use atomics unless oneDNN's "deterministic" primitive
+    attribute is set, which TensorFlow does not do. `tf.config.experimental.enable_op_determinism()` does not cover
     them; TensorFlow's own (Eigen) kernels, used when oneDNN is off, are
     deterministic whatever the thread counts.
     """

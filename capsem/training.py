@@ -403,8 +403,7 @@ def evaluate(config, checkpoint_path=None):
                                     data_source=config.data_source,
                                     batch_size=config.eval_batch_size)
     eval_fn = step_lib.make_eval_step(model, config.jit_compile, config.routing_kernels)
-    result = run_evaluation(model, eval_fn, test_ds,
-                            info.num_classes, margin)
+    result = run_evaluation(model, eval_fn, test_ds, info.num_classes, margin)
     result.update(step=int(global_step.numpy()), checkpoint=path,
                   epoch=int(global_step.numpy()) / steps_per_epoch)
     logging.info("Evaluation of %s (step %d): accuracy %.4f, loss %.4f (mean %.5f) on %d "
