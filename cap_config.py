@@ -42,7 +42,8 @@ flags.DEFINE_integer("max_steps", 0, "Stop at this global step (0: no limit).", 
 flags.DEFINE_integer("seed", 12345, "Seed of the initial weights and of the data order.")
 flags.DEFINE_bool("deterministic", False,
                   "Bit-identical reruns and resumes: the same --seed gives the same weights "
-                  "bit for bit, whatever the thread counts. Turns on TensorFlow's op "
+                  "bit for bit, also with other thread counts (README, Failure and "
+                  "recovery). Turns on TensorFlow's op "
                   "determinism and turns off its oneDNN kernels (TF_ENABLE_ONEDNN_OPTS=0), "
                   "whose results depend on the threads they get (slightly slower).")
 flags.DEFINE_integer("micro_batch_size", None,

@@ -164,27 +164,6 @@ def test_same_seed_gives_bit_identical_losses_for_20_steps(tmp_path):
     assert runs[0] != runs[2]
 
 
-def test_deterministic_training_does_not_depend_on_the_thread_counts(tmp_path):
-    """train.py --deterministic turns oneDNN off. With it on, one intra-op thread instead of
-    two changed these weights after 40 steps by up to 0.3: oneDNN's convolutions sum in an
-    order that depends on the threads they get (the likely cause of a resumed run that once
-    differed from the uninterrupted one in the last bits, on another machine)."""
-    _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=160)
-    common = TINY + [f"--dataset_dir={dataset_dir}", "--source_dir=", "--epochs=1",
-                     "--deterministic", "--eval_every_epoch=false"]
-    values = []
-    for name, threads in (("one", ["--intra_op_threads=1", "--inter_op_threads=1"]),
-                          ("three", ["--intra_op_threads=3", "--inter_op_threads=2"])):
-        out = run_train(common + threads + [f"--log_dir={tmp_path / name}"])
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "oneDNN kernels off (TF_ENABLE_ONEDNN_OPTS=0)" in out.stderr
-        values.append(_checkpoint_values(str(tmp_path / name)))
-    assert int(values[0]["global_step/.ATTRIBUTES/VARIABLE_VALUE"]) == 40
-    assert set(values[0]) == set(values[1])
-    for name, value in values[0].items():
-        np.testing.assert_array_equal(values[1][name], value, err_msg=name)
-
-
 # --- signals and SIGKILL --------------------------------------------------------------
 
 
@@ -252,16 +231,29 @@ def _checkpoint_values(log_dir):
             if name != "_CHECKPOINTABLE_OBJECT_GRAPH" and not name.startswith("save_counter")}
 
 
+def _differences(reference, values):
+    """{name: max abs difference} of the checkpoint values that are not bit-identical."""
+    return {name: float(np.max(np.abs(values[name].astype(np.float64) - value)))
+            for name, value in reference.items() if not np.array_equal(values[name], value)}
+
+
 def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     """Kill -9 several times (checkpoints are saved every step, so some kills land in a
     save); every time the latest checkpoint is complete, and the resumed run ends with
-    exactly the weights and optimizer state of an uninterrupted run."""
+    exactly the weights and optimizer state of an uninterrupted run.
+
+    The uninterrupted run uses one intra-op and one inter-op thread, the others TensorFlow's
+    default: --deterministic (oneDNN off) makes the result independent of the thread counts.
+    With oneDNN on, one intra-op thread instead of two changed these weights after 40 steps
+    by up to 0.3 (its convolutions sum in an order that depends on their threads)."""
     _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=160)
     common = TINY + [f"--dataset_dir={dataset_dir}", "--source_dir=", "--epochs=1",
                      "--deterministic", "--eval_every_epoch=false", "--checkpoint_secs=0"]
     reference_dir = str(tmp_path / "reference")
-    out = run_train(common + [f"--log_dir={reference_dir}"])
+    out = run_train(common + ["--intra_op_threads=1", "--inter_op_threads=1",
+                              f"--log_dir={reference_dir}"])
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "oneDNN kernels off (TF_ENABLE_ONEDNN_OPTS=0)" in out.stderr
     reference = _checkpoint_values(reference_dir)
     assert int(reference["global_step/.ATTRIBUTES/VARIABLE_VALUE"]) == 40
 
@@ -286,8 +278,11 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert "Resumed from" in out.stderr
     final = _checkpoint_values(log_dir)
     assert set(final) == set(reference)
-    for name, value in reference.items():
-        np.testing.assert_array_equal(final[name], value, err_msg=name)
+    differences = _differences(reference, final)
+    assert not differences, (
+        f"not bit-identical to the uninterrupted run: {differences}; the resumed run logged:\n"
+        + "\n".join(line for line in out.stderr.splitlines()
+                    if "Resumed" in line or "WARNING" in line or line.startswith("W")))
     # Only complete checkpoints remain: the two kept ones and nothing half-written.
     leftovers = sorted(os.path.basename(p) for p in glob.glob(os.path.join(log_dir, "ckpt-*")))
     assert leftovers == ["ckpt-39.data-00000-of-00001", "ckpt-39.index",
