@@ -41,11 +41,11 @@ flags.DEFINE_integer("epochs", 10,
 flags.DEFINE_integer("max_steps", 0, "Stop at this global step (0: no limit).", lower_bound=0)
 flags.DEFINE_integer("seed", 12345, "Seed of the initial weights and of the data order.")
 flags.DEFINE_bool("deterministic", False,
-                  "Bit-identical reruns and resumes: the same --seed gives the same weights "
-                  "bit for bit, also with other thread counts (README, Failure and "
-                  "recovery). Turns on TensorFlow's op "
-                  "determinism and turns off its oneDNN kernels (TF_ENABLE_ONEDNN_OPTS=0), "
-                  "whose results depend on the threads they get (slightly slower).")
+                  "Bit-identical reruns and resumes: the same --seed and the same thread "
+                  "settings (--intra_op_threads, --inter_op_threads; 0 means one per core) "
+                  "give the same weights bit for bit (README, Failure and recovery). Turns "
+                  "on TensorFlow's op determinism and turns off its oneDNN kernels "
+                  "(TF_ENABLE_ONEDNN_OPTS=0), whose results can change from run to run.")
 flags.DEFINE_integer("micro_batch_size", None,
                      "Split each batch into micro-batches of this size and sum their "
                      "gradients (the same gradient with less memory); default: the fast "

@@ -35,9 +35,9 @@ FLAGS = flags.FLAGS
 def _without_onednn():
     """--deterministic: TensorFlow without its oneDNN kernels (before TensorFlow is imported).
 
-    oneDNN's convolutions sum in an order that depends on the threads they get,
-    so their results can differ in the last bits from run to run; TensorFlow's
-    own kernels are deterministic whatever the thread counts
+    oneDNN's convolutions sum in an order that depends on the threads each call
+    gets, so their results can differ in the last bits from run to run;
+    TensorFlow's own kernels are deterministic for the same thread settings
     (capsem.step.onednn_enabled).
     """
     if "tensorflow" in sys.modules:

@@ -245,12 +245,15 @@ def onednn_enabled():
     TensorFlow decides when it is imported, from `TF_ENABLE_ONEDNN_OPTS`
     (on by default on x86). oneDNN's kernels (the convolutions here) are not
     guaranteed to be run-to-run deterministic: their order of summation
-    depends on the number of threads they get (the intra-op pool's size;
-    one thread when called from a thread of that pool), and some of their
-    implementations use atomics unless oneDNN's "deterministic" primitive
-    attribute is set, which TensorFlow does not do. `tf.config.experimental.enable_op_determinism()` does not cover
-    them; TensorFlow's own (Eigen) kernels, used when oneDNN is off, are
-    deterministic whatever the thread counts.
+    depends on the number of threads a call gets, which can change from run
+    to run (the intra-op pool's size, but one thread when called from a
+    thread of that pool), and some of their implementations use atomics
+    unless oneDNN's "deterministic" primitive attribute is set, which
+    TensorFlow does not do. `tf.config.experimental.enable_op_determinism()`
+    does not cover them. TensorFlow's own (Eigen) kernels, used when oneDNN
+    is off, are deterministic for given thread-pool sizes; their results
+    still depend on those sizes (Eigen's matrix products split long sums over
+    the threads), so bit-identical runs need the same thread settings.
     """
     try:
         from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-direct-tensorflow-import

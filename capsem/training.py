@@ -448,7 +448,7 @@ class _Trainer:
                 logging.warning(
                     "deterministic=True but TensorFlow runs its oneDNN kernels, which are not "
                     "guaranteed to be run-to-run deterministic (their results depend on the "
-                    "threads they get): set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is "
+                    "threads each call gets): set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is "
                     "imported for bit-identical reruns and resumes (train.py --deterministic "
                     "does)")
         keras.utils.set_random_seed(config.seed)
