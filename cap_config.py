@@ -16,8 +16,9 @@ flags.DEFINE_integer("A", 32, "Channels of ReLU Conv1 (the article: 32).", lower
 flags.DEFINE_integer("B", 32, "Capsule types of PrimaryCaps (the article: 32).", lower_bound=1)
 flags.DEFINE_integer("C", 32, "Capsule types of ConvCaps1 (the article: 32).", lower_bound=1)
 flags.DEFINE_integer("D", 32, "Capsule types of ConvCaps2 (the article: 32).", lower_bound=1)
-flags.DEFINE_integer("iterations", 3, "EM routing iterations of every capsule layer (>= 1).",
-                     lower_bound=1)
+flags.DEFINE_integer("iterations", None,
+                     "EM routing iterations of every capsule layer (>= 1). Default: the "
+                     "recipe's (article 3, paper 1).", lower_bound=1)
 flags.DEFINE_bool(
     "stable_routing", False,
     "Guard EM routing's divisions by the summed assignments and by the variance (epsilon "
@@ -25,10 +26,57 @@ flags.DEFINE_bool(
     "parent capsule's votes agree exactly or all activations of a position are 0. Off by "
     "default, so that training computes exactly the article's numbers.")
 
+
+# --- recipe: each setting below defaults to the recipe's value -------------------
+# (enums repeat capsem.recipes / capsem.losses: flags are defined before TensorFlow
+# may be imported.)
+flags.DEFINE_enum(
+    "recipe", "article", ["article", "paper"],
+    "Training recipe (capsem.recipes): 'article' reproduces the article's code exactly; "
+    "'paper' uses the paper's EM routing and schedule (README, Choosing a recipe). It sets "
+    "--routing, --iterations, --final_lambda, --variance_floor, --assignment_gradient, "
+    "--transform_stddev, --margin_schedule, "
+    "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps and "
+    "--random_shift wherever these are not given; config.json records the values used.")
+flags.DEFINE_enum(
+    "routing", None, ["article", "paper"],
+    "EM routing: 'article' (the article's code: independent routing per position, cost "
+    "normalised over the output capsules) or 'paper' (the paper's procedure, "
+    "capsem.paper_routing: a child shared out over the parents at every position, variance "
+    "floor, normalised data per parent). Default: the recipe's (article / paper).")
+flags.DEFINE_float("final_lambda", None,
+                   "Paper routing: scale of the inverse temperature schedule "
+                   "lambda_t = final_lambda * (1 - 0.95^(t+1)). Default: the recipe's (1.0).")
+flags.DEFINE_float("variance_floor", None,
+                   "Paper routing: added to every variance (a parent with one child must not "
+                   "reach log 0). Default: the recipe's (1e-4).")
+flags.DEFINE_bool("assignment_gradient", None,
+                  "Paper routing: let the gradient flow through the E-steps' assignments "
+                  "(--noassignment_gradient treats them as constants). Default: the recipe's.")
+flags.DEFINE_float("transform_stddev", None,
+                   "Stddev of the truncated normal initializer of the transformation "
+                   "matrices. Default: the recipe's (1.0, as the article).")
+flags.DEFINE_enum("margin_schedule", None, ["article", "linear"],
+                  "Spread-loss margin: 'article' (0.2, +0.1 per epoch, 0.9 after 7 epochs) or "
+                  "'linear' (0.2 to 0.9 linearly over --margin_ramp_epochs, the paper). "
+                  "Default: the recipe's (article / linear).")
+flags.DEFINE_float("margin_ramp_epochs", None,
+                   "Epochs of the linear margin ramp (--margin_schedule=linear). Default: the "
+                   "recipe's (5).")
+flags.DEFINE_float("lr_decay_rate", None,
+                   "Multiply the learning rate by this every --lr_decay_steps optimizer steps "
+                   "(smoothly); 1: constant. Default: the recipe's (1 / 0.96).")
+flags.DEFINE_integer("lr_decay_steps", None,
+                     "See --lr_decay_rate. Default: the recipe's (20000).", lower_bound=1)
+flags.DEFINE_integer("random_shift", None,
+                     "Shift MNIST training images by up to this many pixels in each direction "
+                     "(0: none). Default: the recipe's (0).", lower_bound=0)
+
 # --- training --------------------------------------------------------------
 flags.DEFINE_integer("batch_size", 24, "Training batch size (the article: 24).", lower_bound=1)
 flags.DEFINE_integer("eval_batch_size", 100, "Evaluation batch size.", lower_bound=1)
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate (the article: 1e-3).")
+flags.DEFINE_float("learning_rate", None,
+                   "Adam learning rate. Default: the recipe's (article 1e-3, paper 3e-3).")
 flags.DEFINE_float("adam_epsilon", 1e-8,
                    "Adam epsilon (TF1's AdamOptimizer default 1e-8, which the article uses; "
                    "Keras' default would be 1e-7).")
@@ -92,9 +140,16 @@ flags.DEFINE_bool("eval_every_epoch", True,
                   "Evaluate on the full test set after every epoch.")
 
 
-@flags.validator("learning_rate", message="--learning_rate must be > 0")
-def _positive_lr(value):
-    return value > 0
+# Settings a recipe decides are None when not given; given, they must be > 0.
+for _name in ("learning_rate", "final_lambda", "variance_floor", "transform_stddev",
+              "margin_ramp_epochs"):
+    flags.register_validator(_name, lambda value: value is None or value > 0,
+                             message=f"--{_name} must be > 0")
+
+
+@flags.validator("lr_decay_rate", message="--lr_decay_rate must be in (0, 1] (1: no decay)")
+def _decay(value):
+    return value is None or 0 < value <= 1
 
 
 @flags.validator("adam_epsilon", message="--adam_epsilon must be > 0")
@@ -112,13 +167,20 @@ def config_from_flags(values):
     from capsem.training import TrainConfig  # imports TensorFlow: only after parsing
 
     data_source, dataset_dir = mnist_config.resolve_data_flags(values)
-    return TrainConfig(
+    return TrainConfig.from_recipe(
+        values.recipe,
+        routing=values.routing, iterations=values.iterations, final_lambda=values.final_lambda,
+        transform_stddev=values.transform_stddev, variance_floor=values.variance_floor,
+        assignment_gradient=values.assignment_gradient, margin_schedule=values.margin_schedule,
+        margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
+        lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
+        random_shift=values.random_shift,
         dataset=values.dataset, data_source=data_source, dataset_dir=dataset_dir,
         source_dir=values.source_dir if data_source == "tfrecord" else None,
         log_dir=values.log_dir or os.path.join("logs", values.dataset),
         batch_size=values.batch_size, eval_batch_size=values.eval_batch_size,
-        iterations=values.iterations, A=values.A, B=values.B, C=values.C, D=values.D,
-        learning_rate=values.learning_rate, adam_epsilon=values.adam_epsilon,
+        A=values.A, B=values.B, C=values.C, D=values.D,
+        adam_epsilon=values.adam_epsilon,
         clip_norm=values.clip_norm, epochs=values.epochs, max_steps=values.max_steps,
         seed=values.seed, deterministic=values.deterministic,
         stable_routing=values.stable_routing, micro_batch_size=values.micro_batch_size,

@@ -32,6 +32,8 @@ setup(
         "tensorflow-datasets>=4.9,<5",
         "numpy>=1.23,<3",
         "absl-py>=1.0,<3",
+        # capsem.report plots the curves of training runs.
+        "matplotlib>=3.5",
     ],
     extras_require={"test": ["pytest>=7"]},
 )

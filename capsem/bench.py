@@ -59,6 +59,10 @@ def define_flags():
         flags.DEFINE_integer(name, None, f"Override {name} of the chosen --config.",
                              lower_bound=1)
     flags.DEFINE_bool("stable", False, "Use the guarded EM routing (stable=True).")
+    flags.DEFINE_enum("recipe", "article", ["article", "paper"],
+                      "The routing of a training recipe (capsem.recipes): 'article' (the "
+                      "article's EM routing) or 'paper' (capsem.paper_routing, with the "
+                      "recipe's routing settings).")
     flags.DEFINE_integer("micro_batch_size", None,
                          "TrainStep micro-batch size; default: TrainStep's default; 0: the "
                          "whole batch at once.", lower_bound=0)
@@ -90,7 +94,7 @@ def peak_rss_mb():
 def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps=10,
                   iterations=3, num_classes=10, image_size=28, channels=1, sizes=None,
                   stable=False, micro_batch_size=None, jit=None, intra_op_threads=0,
-                  inter_op_threads=0, seed=0, routing_kernels="native"):
+                  inter_op_threads=0, seed=0, routing_kernels="native", recipe="article"):
     """Builds the network, times `steps` steps after `warmup` ones, returns a result dict.
 
     Args:
@@ -104,7 +108,10 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         (0: TensorFlow's default).
       routing_kernels: "native" or "xla", as `capsem.step.TrainStep`; the
         result's `routing_kernels` says which ran ("xla" where the native
-        kernels could not be built).
+        kernels could not be built, "paper" for the paper's routing, which
+        has no native kernels).
+      recipe: "article" or "paper": the network's routing settings are the
+        recipe's (`capsem.recipes`).
       Others: see the flags of `define_flags`.
 
     Returns:
@@ -115,16 +122,21 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     import tensorflow as tf
     import keras
 
-    from capsem import native, nets
+    from capsem import native, nets, recipes
     from capsem import step as step_lib
 
     step_lib.configure_threads(intra_op_threads, inter_op_threads)
     keras.utils.set_random_seed(seed)
     abcd = dict(CONFIGS[config])
     abcd.update({k: v for k, v in (sizes or {}).items() if v is not None})
+    settings = recipes.resolve(recipe, {})
     model = nets.capsules_net(num_classes=num_classes, iterations=iterations,
                               input_shape=(image_size, image_size, channels), stable=stable,
-                              **abcd)
+                              routing=settings["routing"],
+                              final_lambda=settings["final_lambda"],
+                              variance_floor=settings["variance_floor"],
+                              assignment_gradient=settings["assignment_gradient"],
+                              transform_stddev=settings["transform_stddev"], **abcd)
     rng = np.random.RandomState(seed)
     # Preprocessed images lie in [-1, 1); labels are uniform over the classes.
     images = tf.constant(rng.uniform(-1.0, 1.0, (batch_size, image_size, image_size, channels))
@@ -176,7 +188,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         "peak_rss_mb": peak_rss_mb(),
         "micro_batch_size": used_micro,
         "jit": used_jit,
-        "routing_kernels": (
+        "recipe": recipe,
+        "routing_kernels": "paper" if settings["routing"] == "paper" else (
             "native" if step_lib.requests_native_kernels(used_jit, routing_kernels)
             and native.available() else "xla"),
         "stable": stable,
@@ -207,7 +220,8 @@ def format_text(result):
     """Human-readable lines of a `run_benchmark` result."""
     t = result["threads"]
     return "\n".join([
-        f"config={result['config']} {result['sizes']} mode={result['mode']} "
+        f"config={result['config']} {result['sizes']} recipe={result['recipe']} "
+        f"mode={result['mode']} "
         f"batch_size={result['batch_size']} iterations={result['iterations']} "
         f"micro_batch_size={result['micro_batch_size']} jit={result['jit']} "
         f"routing_kernels={result['routing_kernels']}",
@@ -225,7 +239,7 @@ def _forwarded_flags():
     """Command-line flags passed to every subprocess of `--all`."""
     names = ["A", "B", "C", "D", "batch_size", "warmup", "steps", "iterations", "num_classes",
              "image_size", "channels", "stable", "micro_batch_size", "jit", "intra_op_threads",
-             "inter_op_threads", "seed", "routing_kernels"]
+             "inter_op_threads", "seed", "routing_kernels", "recipe"]
     args = []
     for name in names:
         value = FLAGS[name].value
@@ -252,11 +266,12 @@ def run_all(script):
 
 def markdown_table(results):
     """A markdown table of `run_benchmark` results."""
-    lines = ["| config | mode | images/s | median s/step | peak RSS MB | micro-batch | jit | "
-             "routing kernels |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | recipe | mode | images/s | median s/step | peak RSS MB | micro-batch | "
+             "jit | routing kernels |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['config']} | {r['mode']} | {r['images_per_sec']:.1f} | "
+        lines.append(f"| {r['config']} | {r['recipe']} | {r['mode']} | "
+                     f"{r['images_per_sec']:.1f} | "
                      f"{r['median_s_per_step']:.4f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['micro_batch_size']} | {r['jit']} | {r['routing_kernels']} |")
     return "\n".join(lines)
@@ -277,7 +292,7 @@ def main(argv, script=None):
         micro_batch_size=FLAGS.micro_batch_size,
         jit={"true": True, "false": False, "whole": "whole", None: None}[FLAGS.jit],
         intra_op_threads=FLAGS.intra_op_threads, inter_op_threads=FLAGS.inter_op_threads,
-        seed=FLAGS.seed, routing_kernels=FLAGS.routing_kernels)
+        seed=FLAGS.seed, routing_kernels=FLAGS.routing_kernels, recipe=FLAGS.recipe)
     if FLAGS.json:
         print(json.dumps(result))
     else:

@@ -799,7 +799,33 @@ def _checked_image(image, expected_shape, path):
     return tf.ensure_shape(image, expected_shape)
 
 
-def _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size):
+def random_shift_image(image, max_shift, seed_pair):
+    """Shifts a uint8 image `(H, W, C)` by up to `max_shift` pixels in each direction.
+
+    The image is zero-padded by `max_shift` on every side and a random
+    window of its size is cut out (stateless: the same `seed_pair` gives the
+    same shift). The paper's MNIST training shifts digits by up to 2 pixels
+    (Sec. 5; `random_shift` in `capsem.recipes`).
+    """
+    shape = image.shape
+    padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
+    out = tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed_pair)
+    return tf.ensure_shape(out, shape)
+
+
+def _with_shifts(ds, max_shift, seed, decode):
+    """`ds` of (uint8 image, label) decoded by `decode` after a random shift per example."""
+    base = tf.constant([seed if seed is not None else 0, _AUGMENT_SEED_SALT + 1], tf.int64)
+
+    def shifted(index, example):
+        image, label = example
+        pair = tf.random.experimental.stateless_fold_in(base, index)
+        return decode(random_shift_image(image, max_shift, pair), label)
+
+    return ds.enumerate().map(shifted, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0):
     if info.name != "mnist":
         raise DataError(
             f"dataset {info.name!r} has no TFRecord converter: use data_source='tfds' "
@@ -816,6 +842,15 @@ def _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size):
         image = _checked_image(image, info.input_shape, path)
         return preprocess_image(image), tf.cast(label, tf.int32)
 
+    if training and random_shift:
+        def parse(serialized):
+            image, label = _parse_record(serialized)
+            return _checked_image(image, info.input_shape, path), label
+
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        return _with_shifts(ds, random_shift, seed,
+                            lambda image, label: (preprocess_image(image),
+                                                  tf.cast(label, tf.int32)))
     return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -840,7 +875,7 @@ def _smallnorb_image(image, training, seed_pair):
     return tf.ensure_shape(x, (_SMALLNORB_CROP, _SMALLNORB_CROP, 1))
 
 
-def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size):
+def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0):
     import tensorflow_datasets as tfds  # slow to import: only when asked for
 
     where = os.fspath(dataset_dir) if dataset_dir is not None else os.environ.get(
@@ -882,6 +917,8 @@ def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size):
         image = tf.ensure_shape(image, info.input_shape)
         return preprocess_image(image), tf.cast(label, tf.int32)
 
+    if training and random_shift:
+        return _with_shifts(ds, random_shift, seed, decode)
     return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -896,7 +933,8 @@ def _check_positive_int(name, value, allow_none=False):
 
 
 def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch_size=24,
-                 training=False, seed=None, shuffle_buffer=None, drop_remainder=False):
+                 training=False, seed=None, shuffle_buffer=None, drop_remainder=False,
+                 random_shift=0):
     """Builds the batched input pipeline of a dataset split.
 
     'tfrecord' (MNIST only) reads ``dataset_dir/mnist_{split}.tfrecord`` as written
@@ -923,6 +961,10 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
       seed: shuffle (and augmentation) seed; None draws a random one.
       shuffle_buffer: shuffle buffer size; None means the split's size.
       drop_remainder: drop a last batch smaller than batch_size.
+      random_shift: when training on MNIST or Fashion-MNIST, shift every
+        image by up to this many pixels in each direction
+        (`random_shift_image`, one stateless shift per example derived from
+        ``seed``); 0: no shift. smallNORB has its own augmentation.
 
     Returns:
       A ``tf.data.Dataset`` of (images float32 (B, H, W, C), labels int32 (B,)).
@@ -946,6 +988,14 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
     if seed is not None:
         seed = int(seed)
     buffer_size = shuffle_buffer or (info.num_train if split == "train" else info.num_test)
+    if isinstance(random_shift, bool) or not isinstance(random_shift, (int, np.integer)) \
+            or random_shift < 0 or (random_shift and 2 * random_shift >= min(
+                info.input_shape[:2])):
+        raise DataError(f"random_shift must be an int in [0, {min(info.input_shape[:2]) // 2})"
+                        f" for {info.name}, got {random_shift!r}")
+    if random_shift and info.name == "smallnorb":
+        raise DataError("random_shift applies to MNIST-like datasets; smallnorb is augmented "
+                        "with random crops already")
 
     if data_source == "tfrecord":
         if info.name == "smallnorb":
@@ -953,8 +1003,10 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                 "smallnorb is not available as TFRecords: use data_source='tfds' "
                 "(tensorflow-datasets' 'smallnorb')"
             )
-        ds = _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size)
+        ds = _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size,
+                                random_shift)
     else:
-        ds = _tfds_examples(info, split, dataset_dir, training, seed, buffer_size)
+        ds = _tfds_examples(info, split, dataset_dir, training, seed, buffer_size,
+                            random_shift)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)

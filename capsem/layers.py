@@ -15,9 +15,13 @@ routing", ICLR 2018.
 import keras
 import tensorflow as tf
 
-from capsem import ops
+from capsem import ops, paper_routing
 
 _PACKAGE = "capsem"
+
+#: EM routing modes: the article's code (`capsem.ops.em_routing`) or the
+#: paper's procedure (`capsem.paper_routing.em_routing_paper`).
+ROUTING_MODES = ("article", "paper")
 
 
 def _transform_initializer():
@@ -179,13 +183,30 @@ class _RoutingLayer(keras.layers.Layer):
     """Shared parts of the capsule layers that route with EM."""
 
     def __init__(self, capsules, iterations, stable, transform_initializer,
-                 beta_initializer, **kwargs):
+                 beta_initializer, routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
+                 variance_floor=paper_routing.VARIANCE_FLOOR, assignment_gradient=True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.capsules = _check_positive_int(capsules, "capsules")
         self.iterations = _check_positive_int(iterations, "iterations")
         if not isinstance(stable, bool):
             raise ValueError(f"stable must be True or False, got {stable!r}")
         self.stable = stable
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        self.routing = routing
+        if isinstance(final_lambda, bool) or not isinstance(final_lambda, (int, float)) \
+                or not final_lambda > 0:
+            raise ValueError(f"final_lambda must be a number > 0, got {final_lambda!r}")
+        self.final_lambda = float(final_lambda)
+        if isinstance(variance_floor, bool) or not isinstance(variance_floor, (int, float)) \
+                or not variance_floor > 0:
+            raise ValueError(f"variance_floor must be a number > 0, got {variance_floor!r}")
+        self.variance_floor = float(variance_floor)
+        if not isinstance(assignment_gradient, bool):
+            raise ValueError(f"assignment_gradient must be True or False, "
+                             f"got {assignment_gradient!r}")
+        self.assignment_gradient = assignment_gradient
         self.transform_initializer = keras.initializers.get(
             transform_initializer if transform_initializer is not None
             else _transform_initializer())
@@ -205,6 +226,17 @@ class _RoutingLayer(keras.layers.Layer):
         return ops._em_routing_from_poses(
             poses, w, i_activations, self.beta_v, self.beta_a, self.iterations,
             stable=self.stable, offsets=offsets, return_assignments=return_details)
+
+    def _route_paper(self, votes, i_activations, child_map, return_details):
+        """The paper's EM routing of votes `(N, P, I, O, 16)`, activations `(N, P, I)`."""
+        options = dict(variance_floor=self.variance_floor,
+                       assignment_gradient=self.assignment_gradient)
+        if return_details:
+            return paper_routing.em_routing_paper(
+                votes, i_activations, self.beta_v, self.beta_a, self.iterations,
+                self.final_lambda, child_map, return_assignments=True, **options)
+        return paper_routing.route(votes, i_activations, self.beta_v, self.beta_a,
+                                   self.iterations, self.final_lambda, child_map, **options)
 
     def _prepare(self, inputs):
         """Converts `[poses, activations]` to tensors and builds the layer if needed."""
@@ -244,6 +276,10 @@ class _RoutingLayer(keras.layers.Layer):
             "capsules": self.capsules,
             "iterations": self.iterations,
             "stable": self.stable,
+            "routing": self.routing,
+            "final_lambda": self.final_lambda,
+            "variance_floor": self.variance_floor,
+            "assignment_gradient": self.assignment_gradient,
             "transform_initializer": keras.initializers.serialize(self.transform_initializer),
             "beta_initializer": keras.initializers.serialize(self.beta_initializer),
         })
@@ -267,9 +303,18 @@ class ConvCaps(_RoutingLayer):
       iterations: EM routing iterations (the article uses 3).
       stable: guard the article's unguarded divisions in EM routing (see
         `capsem.ops.em_routing`); False reproduces the article exactly.
+        The paper's routing is always guarded and ignores it.
       transform_initializer: initializer of `w` (default truncated normal,
         stddev 1, as the article).
       beta_initializer: initializer of `beta_v` and `beta_a` (Glorot uniform).
+      routing: "article" (default, the article's code) or "paper" (the
+        paper's procedure: a child's assignments normalised over the parents
+        at every position that receives it, see `capsem.paper_routing`; needs
+        a known grid size).
+      final_lambda: scale of the paper routing's inverse temperature schedule.
+      variance_floor: the paper routing's variance floor.
+      assignment_gradient: whether the paper routing's gradient flows through
+        its assignments (see `capsem.paper_routing.em_routing_paper`).
       **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
 
     Input shape:
@@ -291,9 +336,13 @@ class ConvCaps(_RoutingLayer):
 
     def __init__(self, capsules, kernel_size=3, strides=1, iterations=3,
                  stable=False, transform_initializer=None,
-                 beta_initializer="glorot_uniform", **kwargs):
+                 beta_initializer="glorot_uniform", routing="article",
+                 final_lambda=paper_routing.FINAL_LAMBDA,
+                 variance_floor=paper_routing.VARIANCE_FLOOR, assignment_gradient=True,
+                 **kwargs):
         super().__init__(capsules, iterations, stable, transform_initializer,
-                         beta_initializer, **kwargs)
+                         beta_initializer, routing, final_lambda, variance_floor,
+                         assignment_gradient, **kwargs)
         self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
         self.strides = _check_positive_int(strides, "strides")
 
@@ -302,6 +351,14 @@ class ConvCaps(_RoutingLayer):
         ops._check_grid(height, width, self.kernel_size,
                         f"ConvCaps '{self.name}'", tuple(input_shape[0]))
         self.in_capsules = in_caps
+        self.child_map = None
+        if self.routing == "paper":
+            if height is None or width is None:
+                raise ValueError(
+                    f"ConvCaps '{self.name}': routing='paper' needs a known grid size, "
+                    f"got poses shape {tuple(input_shape[0])}")
+            self.child_map = paper_routing.ChildMap(height, width, self.kernel_size,
+                                                    self.strides)
         k2i = self.kernel_size * self.kernel_size * in_caps
         self.w = self.add_weight(
             name="w", shape=(1, k2i, self.capsules, 4, 4),
@@ -334,12 +391,10 @@ class ConvCaps(_RoutingLayer):
         flat_a = tf.reshape(tiled_a, [-1, k2i])  # (N*OH*OW, K*K*I)
         flat_p.set_shape([m, k2i, 16])
         flat_a.set_shape([m, k2i])
+        if self.routing == "paper":
+            return self._call_paper(flat_p, tiled_a, return_details)
         result = self._route(flat_p, self.w, flat_a, None, return_details)
-        out_p = tf.reshape(result[0], tf.stack([n, oh, ow, o, 4, 4]))  # (N, OH, OW, O, 4, 4)
-        out_a = tf.reshape(result[1], tf.stack([n, oh, ow, o]))  # (N, OH, OW, O)
-        out_p.set_shape(static.concatenate([o, 4, 4]))
-        out_a.set_shape(static.concatenate([o]))
-        out = {"poses": out_p, "activations": out_a}
+        out = self._grid_outputs(result, n, oh, ow, static)
         if return_details:
             votes = ops.mat_transform(flat_p, self.w)  # (N*OH*OW, K*K*I, O, 16)
             votes = tf.reshape(votes, tf.stack([n, oh, ow, k2i, o, 16]))  # (N, OH, OW, K*K*I, O, 16)
@@ -347,6 +402,36 @@ class ConvCaps(_RoutingLayer):
             rr = tf.reshape(result[2], tf.stack([n, oh, ow, k2i, o]))  # (N, OH, OW, K*K*I, O)
             rr.set_shape(static.concatenate([k2i, o]))
             out.update(votes=votes, assignments=rr)
+        return out
+
+    def _grid_outputs(self, result, n, oh, ow, static):
+        """`{"poses", "activations"}` on the output grid from routing's (M, O, 16), (M, O)."""
+        o = self.capsules
+        out_p = tf.reshape(result[0], tf.stack([n, oh, ow, o, 4, 4]))  # (N, OH, OW, O, 4, 4)
+        out_a = tf.reshape(result[1], tf.stack([n, oh, ow, o]))  # (N, OH, OW, O)
+        out_p.set_shape(static.concatenate([o, 4, 4]))
+        out_a.set_shape(static.concatenate([o]))
+        return {"poses": out_p, "activations": out_a}
+
+    def _call_paper(self, flat_p, tiled_a, return_details):
+        """`call_with_details` with the paper's routing (votes materialised)."""
+        o, k2i = self.capsules, self.kernel_size * self.kernel_size * self.in_capsules
+        shape = tf.shape(tiled_a)
+        n, oh, ow = shape[0], shape[1], shape[2]
+        p = oh * ow
+        static = tiled_a.shape[:3]
+        votes = ops.mat_transform(flat_p, self.w)  # (N*OH*OW, K*K*I, O, 16)
+        votes = tf.reshape(votes, tf.stack([n, p, k2i, o, 16]))  # (N, P, K*K*I, O, 16)
+        votes.set_shape([static[0], self.child_map.positions, k2i, o, 16])
+        acts = tf.reshape(tiled_a, tf.stack([n, p, k2i]))  # (N, P, K*K*I)
+        acts.set_shape([static[0], self.child_map.positions, k2i])
+        result = self._route_paper(votes, acts, self.child_map, return_details)
+        out = self._grid_outputs(result, n, oh, ow, static)
+        if return_details:
+            out["votes"] = tf.reshape(votes, tf.stack([n, oh, ow, k2i, o, 16]))
+            out["votes"].set_shape(static.concatenate([k2i, o, 16]))
+            out["assignments"] = tf.reshape(result[2], tf.stack([n, oh, ow, k2i, o]))
+            out["assignments"].set_shape(static.concatenate([k2i, o]))
         return out
 
     def compute_output_shape(self, input_shape):
@@ -379,9 +464,15 @@ class ClassCaps(_RoutingLayer):
         and the paper do).
       stable: guard the article's unguarded divisions in EM routing (see
         `capsem.ops.em_routing`); False reproduces the article exactly.
+        The paper's routing is always guarded and ignores it.
       transform_initializer: initializer of `w` (default truncated normal,
         stddev 1, as the article).
       beta_initializer: initializer of `beta_v` and `beta_a` (Glorot uniform).
+      routing: "article" (default) or "paper" (`capsem.paper_routing`).
+      final_lambda: scale of the paper routing's inverse temperature schedule.
+      variance_floor: the paper routing's variance floor.
+      assignment_gradient: whether the paper routing's gradient flows through
+        its assignments (see `capsem.paper_routing.em_routing_paper`).
       **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
 
     Input shape:
@@ -402,9 +493,12 @@ class ClassCaps(_RoutingLayer):
 
     def __init__(self, capsules, iterations=3, coord_addition=True, stable=False,
                  transform_initializer=None, beta_initializer="glorot_uniform",
+                 routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
+                 variance_floor=paper_routing.VARIANCE_FLOOR, assignment_gradient=True,
                  **kwargs):
         super().__init__(capsules, iterations, stable, transform_initializer,
-                         beta_initializer, **kwargs)
+                         beta_initializer, routing, final_lambda, variance_floor,
+                         assignment_gradient, **kwargs)
         if not isinstance(coord_addition, bool):
             raise ValueError(f"coord_addition must be True or False, got {coord_addition!r}")
         self.coord_addition = coord_addition
@@ -449,7 +543,15 @@ class ClassCaps(_RoutingLayer):
         offsets = None
         if self.coord_addition:
             offsets = self._coordinate_offsets(activations.shape[1], activations.shape[2])
-        result = self._route(flat_p, w_all, i_act, offsets, return_details)
+        if self.routing == "paper":
+            votes = ops.mat_transform(flat_p, w_all)  # (N, H*W*I, O, 16)
+            if offsets is not None:
+                votes = votes + offsets[:, None, :]  # (N, H*W*I, O, 16)
+            result = self._route_paper(votes[:, None], i_act[:, None], None, return_details)
+            # poses (N, 1, O, 16), activations (N, 1, O)
+            result = (result[0][:, 0], result[1][:, 0]) + tuple(r[:, 0] for r in result[2:])
+        else:
+            result = self._route(flat_p, w_all, i_act, offsets, return_details)
         out_p = tf.reshape(result[0], tf.stack([n, o, 4, 4]))  # (N, O, 4, 4)
         out_p.set_shape([activations.shape[0], o, 4, 4])
         out = {"poses": out_p, "activations": result[1]}

@@ -31,6 +31,49 @@ def margin_schedule(step, iterations_per_epoch):
     return tf.gather(tf.constant(MARGINS, tf.float32), index)
 
 
+#: Margin schedules: the article's steps, or the paper's linear ramp.
+MARGIN_SCHEDULES = ("article", "linear")
+
+
+def linear_margin_schedule(step, ramp_steps):
+    """The paper's margin: from 0.2 at step 0 linearly to 0.9 at `ramp_steps`, then 0.9.
+
+    Paper Sec. 4: "starting from a small margin of 0.2 and linearly
+    increasing it during training to 0.9" (the length of the ramp is not
+    given: a setting, `margin_ramp_epochs` in `capsem.recipes`).
+
+    Args:
+      step: global step (int or integer tensor).
+      ramp_steps: steps of the ramp (int >= 1).
+
+    Returns:
+      the margin, a float32 scalar tensor.
+    """
+    if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
+        raise ValueError(f"ramp_steps must be a positive int, got {ramp_steps!r}")
+    frac = tf.minimum(tf.cast(step, tf.float32) / float(ramp_steps), 1.0)
+    return tf.constant(MARGINS[0], tf.float32) + frac * (MARGINS[-1] - MARGINS[0])
+
+
+def make_margin_schedule(kind, iterations_per_epoch, ramp_steps=None):
+    """The margin schedule `step -> margin` of a kind of `MARGIN_SCHEDULES`.
+
+    "article": `margin_schedule(step, iterations_per_epoch)`; "linear":
+    `linear_margin_schedule(step, ramp_steps)`.
+    """
+    if kind == "article":
+        if isinstance(iterations_per_epoch, bool) or not isinstance(iterations_per_epoch, int) \
+                or iterations_per_epoch < 1:
+            raise ValueError(f"iterations_per_epoch must be a positive int, "
+                             f"got {iterations_per_epoch!r}")
+        return lambda step: margin_schedule(step, iterations_per_epoch)
+    if kind == "linear":
+        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
+            raise ValueError(f"ramp_steps must be a positive int, got {ramp_steps!r}")
+        return lambda step: linear_margin_schedule(step, ramp_steps)
+    raise ValueError(f"margin schedule must be one of {MARGIN_SCHEDULES}, got {kind!r}")
+
+
 def spread_loss(labels_onehot, activations, margin):
     """The spread loss, summed over the batch as in the article.
 

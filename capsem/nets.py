@@ -3,13 +3,20 @@
 import keras
 
 from capsem import layers as caps_layers
+from capsem import paper_routing
+
+#: EM routing modes of `capsules_net` (see `capsem.layers.ROUTING_MODES`).
+ROUTING_MODES = caps_layers.ROUTING_MODES
 
 #: Layer names, equal to the article's TF1 variable scopes inside `capsules_em`.
 LAYER_NAMES = ("relu_conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_capsules")
 
 
 def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
-                 input_shape=(28, 28, 1), stable=False, name="capsules_em"):
+                 input_shape=(28, 28, 1), stable=False, name="capsules_em",
+                 routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
+                 transform_stddev=1.0, variance_floor=paper_routing.VARIANCE_FLOOR,
+                 assignment_gradient=True):
     """Builds the article's network: ReLU Conv1 -> PrimaryCaps -> ConvCaps1 -> ConvCaps2 -> Class capsules.
 
     * relu_conv1: 5x5 convolution, stride 2, SAME padding, A channels, ReLU;
@@ -32,6 +39,14 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
       stable: guard the unguarded divisions of the article's EM routing
         (see `capsem.ops.em_routing`); False reproduces the article.
       name: model name (the article's scope, `capsules_em`).
+      routing: EM routing of the three capsule layers: "article" (default, the
+        article's code) or "paper" (`capsem.paper_routing`).
+      final_lambda: scale of the paper routing's inverse temperature schedule.
+      transform_stddev: stddev of the truncated normal initializer of the
+        transformation matrices (the article: 1.0).
+      variance_floor: the paper routing's variance floor.
+      assignment_gradient: whether the paper routing's gradient flows through
+        its assignments (`capsem.paper_routing.em_routing_paper`).
 
     Returns:
       a `keras.Model` mapping images `(N, H, W, channels)` to
@@ -60,17 +75,23 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
             f"{g1[0]}x{g1[1]} -> {g2[0]}x{g2[1]} -> {g3[0]}x{g3[1]}; the input needs at "
             f"least 13 rows and columns")
 
+    if not (isinstance(transform_stddev, (int, float)) and transform_stddev > 0):
+        raise ValueError(f"transform_stddev must be a number > 0, got {transform_stddev!r}")
+    routing_args = dict(iterations=iterations, stable=stable, routing=routing,
+                        final_lambda=final_lambda, variance_floor=variance_floor,
+                        assignment_gradient=assignment_gradient,
+                        transform_initializer=keras.initializers.TruncatedNormal(
+                            mean=0.0, stddev=float(transform_stddev)))
     inputs = keras.Input(shape=input_shape, name="images")
     x = keras.layers.Conv2D(A, 5, strides=2, padding="same", activation="relu",
                             name="relu_conv1")(inputs)  # (N, H/2, W/2, A)
     caps = caps_layers.PrimaryCaps(B, name="primary_caps")(x)  # (N, 14, 14, B, 4, 4)
-    caps = caps_layers.ConvCaps(C, kernel_size=3, strides=2, iterations=iterations,
-                                stable=stable, name="conv_caps1")(list(caps))  # (N, 6, 6, C, 4, 4)
-    caps = caps_layers.ConvCaps(D, kernel_size=3, strides=1, iterations=iterations,
-                                stable=stable, name="conv_caps2")(list(caps))  # (N, 4, 4, D, 4, 4)
+    caps = caps_layers.ConvCaps(C, kernel_size=3, strides=2, name="conv_caps1",
+                                **routing_args)(list(caps))  # (N, 6, 6, C, 4, 4)
+    caps = caps_layers.ConvCaps(D, kernel_size=3, strides=1, name="conv_caps2",
+                                **routing_args)(list(caps))  # (N, 4, 4, D, 4, 4)
     poses, activations = caps_layers.ClassCaps(
-        num_classes, iterations=iterations, stable=stable,
-        name="class_capsules")(list(caps))  # (N, E, 4, 4), (N, E)
+        num_classes, name="class_capsules", **routing_args)(list(caps))  # (N, E, 4, 4), (N, E)
     return keras.Model(inputs, [poses, activations], name=name)
 
 

@@ -25,7 +25,7 @@ and largest setting; `docs/performance.md` has the measurements.
 import keras
 import tensorflow as tf
 
-from capsem import losses, ops
+from capsem import losses, ops, paper_routing
 
 #: TF1 `tf.train.AdamOptimizer`'s default epsilon (Keras' default is 1e-7).
 TF1_ADAM_EPSILON = 1e-8
@@ -67,6 +67,9 @@ class TrainStep:
         `capsem.ops`. The numbers agree to float32 rounding.
       global_step: an int64 `tf.Variable` counting attempted steps (the
         article's `global_step`, which drives the margin); created if None.
+      margin_fn: the margin schedule, `step -> margin` (see
+        `capsem.losses.make_margin_schedule`); None: the article's schedule
+        with `iterations_per_epoch`.
 
     Calling the step with `(images (N, H, W, C) float32, labels (N,) int)`
     returns a dict of scalar tensors: `loss` (summed over the batch, the
@@ -77,7 +80,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
                  micro_batch_size=None, jit_compile=True, global_step=None,
-                 routing_kernels="native"):
+                 routing_kernels="native", margin_fn=None):
         if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, "
@@ -85,6 +88,8 @@ class TrainStep:
         self.model = model
         self.optimizer = optimizer
         self.iterations_per_epoch = int(iterations_per_epoch)
+        self.margin_fn = margin_fn or losses.make_margin_schedule(
+            "article", self.iterations_per_epoch)
         self.clip_norm = clip_norm
         self.micro_batch_size = micro_batch_size
         self.jit_compile = jit_compile
@@ -121,7 +126,7 @@ class TrainStep:
         return total_loss, correct, grads
 
     def _train_step(self, images, labels):
-        margin = losses.margin_schedule(self.global_step, self.iterations_per_epoch)
+        margin = self.margin_fn(self.global_step)
         loss, correct, grads = self._loss_and_grads(images, labels, margin)
         finite = tf.math.is_finite(loss)
         for g in grads:
@@ -189,7 +194,8 @@ def _compile(fn, jit_compile, routing_kernels="native"):
     native = requests_native_kernels(jit_compile, routing_kernels)
 
     def traced(*args):
-        with ops.xla_routing_kernels(jit_compile is True), ops.native_routing_kernels(native):
+        with ops.xla_routing_kernels(jit_compile is True), ops.native_routing_kernels(native), \
+                paper_routing.compiled(jit_compile is True):
             return fn(*args)
 
     return tf.function(traced, jit_compile=jit_compile == "whole")

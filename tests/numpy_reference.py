@@ -78,3 +78,118 @@ def class_caps(poses, acts, w, beta_v, beta_a, iterations):
     votes = coord_addition(votes, h, wd).reshape(n, h * wd * i, -1, 16)
     p, a = em_routing(votes, acts.reshape(n, h * wd * i), beta_v, beta_a, iterations)
     return p.reshape(n, -1, 4, 4), a
+
+
+# ---------------------------------------------------------------------------
+# The paper's EM routing (capsem.paper_routing), written per child and per
+# parent with explicit loops: every child (n, h, w, c) of a conv layer lists
+# the (output position, output type) pairs that receive it, and its E-step
+# normalises over all of them.
+# ---------------------------------------------------------------------------
+
+PAPER_VARIANCE_FLOOR = 1e-4
+
+
+def paper_lambdas(iterations, final_lambda):
+    return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
+
+
+def em_routing_paper_edges(votes, a_in, children, num_children, beta_v, beta_a, iterations,
+                           final_lambda):
+    """Paper EM routing on an explicit graph, for one example.
+
+    votes: (P, I, O, 16); a_in: (P, I); children: (P, I) int, the child that
+    the vote slot (p, i) comes from, in [0, num_children).
+    Returns mean (P, O, 16), activations (P, O), rr (P, I, O) of the last M-step.
+    """
+    votes = votes.astype(np.float64)
+    num_p, num_i, num_o = votes.shape[:3]
+    parents_of = [0] * num_children  # number of (position, type) parents of each child
+    for p in range(num_p):
+        for i in range(num_i):
+            parents_of[children[p, i]] += num_o
+    rr = np.zeros((num_p, num_i, num_o))
+    for p in range(num_p):
+        for i in range(num_i):
+            rr[p, i, :] = 1.0 / parents_of[children[p, i]]
+    scale = num_o / num_i
+    bv = np.asarray(beta_v, np.float64).reshape(num_o)
+    ba = np.asarray(beta_a, np.float64).reshape(num_o)
+    lambdas = paper_lambdas(iterations, final_lambda)
+    for t, lam in enumerate(lambdas):
+        mean = np.zeros((num_p, num_o, 16))
+        var = np.zeros((num_p, num_o, 16))
+        act = np.zeros((num_p, num_o))
+        for p in range(num_p):
+            for o in range(num_o):
+                r = rr[p, :, o] * a_in[p]  # (I,)
+                rs = r.sum()
+                mu = (r[:, None] * votes[p, :, o]).sum(0) / (rs + EPS)
+                v = (r[:, None] * (votes[p, :, o] - mu) ** 2).sum(0) / (rs + EPS)
+                v = v + PAPER_VARIANCE_FLOOR
+                cost = ((bv[o] + 0.5 * np.log(v)) * rs * scale).sum()
+                mean[p, o], var[p, o] = mu, v
+                act[p, o] = 1.0 / (1.0 + np.exp(-lam * (ba[o] - cost)))
+        if t == iterations - 1:
+            break
+        # E-step: a_j p_j(V_ij), normalised over every parent of each child.
+        num = np.zeros((num_p, num_i, num_o))
+        for p in range(num_p):
+            for o in range(num_o):
+                d = votes[p, :, o] - mean[p, o]  # (I, 16)
+                log_p = (-(d ** 2 / (2 * var[p, o])).sum(-1)
+                         - 0.5 * np.log(var[p, o]).sum())  # (I,) without -8 log(2 pi)
+                num[p, :, o] = np.log(act[p, o] + EPS) + log_p
+        top = np.full(num_children, -np.inf)
+        for p in range(num_p):
+            for i in range(num_i):
+                top[children[p, i]] = max(top[children[p, i]], num[p, i].max())
+        e = np.exp(num - top[children][..., None])
+        total = np.zeros(num_children)
+        for p in range(num_p):
+            for i in range(num_i):
+                total[children[p, i]] += e[p, i].sum()
+        rr = e / total[children][..., None]
+    return mean, act, rr
+
+
+def conv_caps_paper(poses, acts, w, beta_v, beta_a, k, s, iterations, final_lambda):
+    """A ConvCaps layer with routing='paper'; returns poses (N, OH, OW, O, 4, 4), acts."""
+    n, h, wd, c = acts.shape
+    tp = kernel_tile(poses, k, s)
+    ta = kernel_tile(acts, k, s)
+    oh, ow = tp.shape[1:3]
+    num_i = k * k * c
+    votes = mat_transform(tp.reshape(-1, num_i, 16), w).reshape(n, oh * ow, num_i, -1, 16)
+    children = np.zeros((oh * ow, num_i), np.int64)
+    for y in range(oh):
+        for x in range(ow):
+            for i in range(k):
+                for j in range(k):
+                    for cap in range(c):
+                        children[y * ow + x, (k * i + j) * c + cap] = (
+                            ((s * y + i) * wd + (s * x + j)) * c + cap)
+    out_p, out_a = [], []
+    for b in range(n):
+        mean, act, _ = em_routing_paper_edges(
+            votes[b], ta[b].reshape(oh * ow, num_i), children, h * wd * c, beta_v, beta_a,
+            iterations, final_lambda)
+        out_p.append(mean.reshape(oh, ow, -1, 4, 4))
+        out_a.append(act.reshape(oh, ow, -1))
+    return np.stack(out_p), np.stack(out_a)
+
+
+def class_caps_paper(poses, acts, w, beta_v, beta_a, iterations, final_lambda):
+    """A ClassCaps layer (coordinate addition) with routing='paper'."""
+    n, h, wd, c = acts.shape
+    votes = mat_transform(poses.reshape(-1, c, 16), w).reshape(n, h, wd, c, -1, 16)
+    votes = coord_addition(votes, h, wd).reshape(n, 1, h * wd * c, -1, 16)
+    children = np.arange(h * wd * c).reshape(1, -1)
+    out_p, out_a = [], []
+    for b in range(n):
+        mean, act, _ = em_routing_paper_edges(
+            votes[b], acts[b].reshape(1, -1), children, h * wd * c, beta_v, beta_a,
+            iterations, final_lambda)
+        out_p.append(mean.reshape(-1, 4, 4))
+        out_a.append(act.reshape(-1))
+    return np.stack(out_p), np.stack(out_a)

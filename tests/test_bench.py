@@ -34,6 +34,13 @@ def test_bench_json_line_has_positive_finite_numbers():
     assert math.isfinite(result["last_value"])
 
 
+def test_bench_paper_recipe_runs_the_paper_routing():
+    out = _run_bench("--mode=train", "--json", "--recipe=paper", "--jit=false", *TINY)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["recipe"] == "paper" and result["routing_kernels"] == "paper"
+    assert result["images_per_sec"] > 0 and math.isfinite(result["last_value"])
+
+
 def test_bench_text_output():
     out = _run_bench("--mode=infer", "--config=small", "--jit=false", "--intra_op_threads=1",
                      *TINY)
@@ -72,10 +79,10 @@ def test_configure_threads_sets_pools_and_rejects_late_or_bad_calls():
 def test_bench_all_runs_each_pair_in_its_own_process():
     out = _run_bench("--all", "--jit=false", *TINY)
     rows = [line for line in out.strip().splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| config | mode | images/s | median s/step | peak RSS MB")
-    pairs = [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows[1:]]
-    assert pairs == [("article", "train"), ("article", "infer"), ("small", "train"),
-                     ("small", "infer")]
+    assert rows[0].startswith("| config | recipe | mode | images/s | median s/step | peak RSS")
+    pairs = [tuple(cell.strip() for cell in row.split("|")[1:4]) for row in rows[1:]]
+    assert pairs == [("article", "article", "train"), ("article", "article", "infer"),
+                     ("small", "article", "train"), ("small", "article", "infer")]
     for row in rows[1:]:
-        images_per_sec = float(row.split("|")[3])
+        images_per_sec = float(row.split("|")[4])
         assert math.isfinite(images_per_sec) and images_per_sec > 0

@@ -1,0 +1,379 @@
+"""EM routing as the paper describes it (`routing="paper"`), a sibling of the article's.
+
+The article's code (`capsem.ops.em_routing`, the default `routing="article"`)
+routes every output position as an independent problem and normalises the
+activation cost over the output capsules. This module follows procedure 1 of
+the paper and the implementation notes of Gritzman (2019), "Avoiding
+Implementation Pitfalls of Matrix Capsules with EM Routing" (arXiv 1907.00652),
+which names three pitfalls of the article-style code that are avoided here:
+
+1. *Parents at different positions compete for a child* (Gritzman Sec. 3.1; the
+   paper's E-step normalises `R_ij` over all parents `j in Omega_{L+1}` that
+   receive child i): in a convolutional capsule layer the E-step's softmax of
+   a child runs over every (output position, output type) whose K x K window
+   contains it, and the initial assignments split each child evenly over those
+   parents.
+2. *A parent with one child collapses* (Gritzman Sec. 3.2): its variance goes
+   to 0 and `log sigma` to minus infinity; a variance floor `VARIANCE_FLOOR`
+   is added to every variance.
+3. *The amount of data assigned to a parent is normalised* (Gritzman Sec. 3.3):
+   the cost uses `R_j * O / I` (I: children per parent, O: parent types), so
+   its scale does not grow with the number of children of a layer.
+
+The M-step's cost is the paper's (Sec. 3): `cost_h = (beta_v + log sigma_h) *
+R_j`, `a_j = logistic(lambda * (beta_a - sum_h cost_h))`, with `beta_v` and
+`beta_a` learned per output capsule type (the authors' OpenReview answer: one
+beta per capsule type, shared across positions), and no normalisation of the
+cost over the output capsules (which the article's code adds). The inverse
+temperature follows the schedule the authors gave on OpenReview:
+`lambda_t = final_lambda * (1 - 0.95 ** (t + 1))`.
+
+The last E-step is skipped (the paper's procedure ends with an M-step) and
+gradients flow through every iteration.
+
+Symbols (as in `capsem.ops`):
+
+  N        batch size
+  P        output positions (OH*OW in a conv layer, 1 in the class layer)
+  I        children routed to one output position (K*K*C, or H*W*C)
+  O        output capsule types
+  S        child positions of the input grid (H*W) that a conv layer reads
+  C        input capsule types
+  16       a 4x4 pose matrix flattened row-major
+
+Routing runs as plain TensorFlow ops (differentiated by TensorFlow); inside a
+tf.function each layer's routing is one XLA-compiled function (its gradient
+is compiled as well). The native C++ kernels of `capsem.native` cover the
+article's routing only.
+"""
+
+import contextlib
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from capsem import ops
+
+#: Added to every variance (Gritzman Sec. 3.2: a parent with one child, or
+#: with votes that agree, must not reach log(0)).
+VARIANCE_FLOOR = 1e-4
+
+#: Guards the divisions by the data assigned to a parent, `R_j`, which is 0
+#: where every child of a position has activation 0.
+EPSILON = ops.EPSILON
+
+#: The final inverse temperature of `inverse_temperatures_paper` by default.
+FINAL_LAMBDA = 1.0
+
+
+def inverse_temperatures_paper(iterations, final_lambda=FINAL_LAMBDA):
+    """The schedule of the paper's authors: `final_lambda * (1 - 0.95 ** (t + 1))`.
+
+    From the authors' answer on OpenReview (quoted in IBM's implementation,
+    em_routing.py, with final_lambda 0.01 on an unnormalised cost whose data
+    term is 100 times the normalised one used here, i.e. 1.0 in this
+    module's units).
+
+    Args:
+      iterations: EM iterations (int >= 1).
+      final_lambda: the scale of the schedule (> 0).
+
+    Returns:
+      a list of `iterations` floats, increasing.
+    """
+    ops._check_iterations(iterations)
+    if not final_lambda > 0:
+        raise ValueError(f"final_lambda must be > 0, got {final_lambda!r}")
+    return [float(final_lambda) * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
+
+
+class ChildMap:
+    """Which child of the input grid each vote of a convolutional layer comes from.
+
+    A conv capsule layer with kernel K and stride s on an H x W grid has
+    P = OH*OW output positions, each reading the K*K positions of its window
+    (`capsem.ops.kernel_tile`). `index[p*K*K + k]` is the grid position
+    (row-major, in [0, H*W)) of window slot k of output position p, and
+    `counts[h*W + w]` the number of windows that contain grid position
+    (h, w) (0 for positions no window reads).
+
+    Args:
+      height, width: H, W of the input grid.
+      kernel, stride: K, s.
+    """
+
+    def __init__(self, height, width, kernel, stride):
+        self.height, self.width = int(height), int(width)
+        self.kernel, self.stride = int(kernel), int(stride)
+        out_h = (self.height - self.kernel) // self.stride + 1
+        out_w = (self.width - self.kernel) // self.stride + 1
+        rows = (np.arange(out_h)[:, None, None, None] * self.stride
+                + np.arange(self.kernel)[None, None, :, None])  # (OH, 1, K, 1)
+        cols = (np.arange(out_w)[None, :, None, None] * self.stride
+                + np.arange(self.kernel)[None, None, None, :])  # (1, OW, 1, K)
+        index = (rows * self.width + cols).reshape(-1)  # (OH*OW*K*K,)
+        self.positions = out_h * out_w
+        self.num_sources = self.height * self.width
+        self.index = index.astype(np.int32)
+        self.counts = np.bincount(index, minlength=self.num_sources).astype(np.int64)
+
+
+def _to_children(slots, child_map, reduce):
+    """Reduces `(N, P*K*K, C)` over the window slots that read the same grid position.
+
+    Returns `(N, H, W, C)`: the sum (`reduce="sum"`, the transpose of
+    `capsem.ops.kernel_tile`'s gather) or the max (`reduce="max"`; -inf at
+    positions no window reads). Built from dense ops (one strided placement of
+    each of the K*K slots on the grid), which XLA compiles to plain loops,
+    unlike a scatter.
+    """
+    k, s = child_map.kernel, child_map.stride
+    out_h = (child_map.height - k) // s + 1
+    out_w = (child_map.width - k) // s + 1
+    num_c = slots.shape[-1]
+    fill = 0.0 if reduce == "sum" else -np.inf
+    x = tf.reshape(slots, [-1, out_h, out_w, k, k, num_c])  # (N, OH, OW, K, K, C)
+    grid_h, grid_w = s * out_h + k, s * out_w + k  # >= H, W: room for every shift
+    placed = []
+    for i in range(k):
+        for j in range(k):
+            v = x[:, :, :, i, j, :]  # (N, OH, OW, C)
+            if s > 1:  # one value every s rows and columns
+                v = tf.pad(v[:, :, None, :, None, :],
+                           [[0, 0], [0, 0], [0, s - 1], [0, 0], [0, s - 1], [0, 0]],
+                           constant_values=fill)  # (N, OH, s, OW, s, C)
+                v = tf.reshape(v, [-1, out_h * s, out_w * s, num_c])  # (N, s*OH, s*OW, C)
+            v = tf.pad(v, [[0, 0], [i, grid_h - i - v.shape[1]], [j, grid_w - j - v.shape[2]],
+                           [0, 0]], constant_values=fill)  # (N, grid_h, grid_w, C)
+            placed.append(v)
+    stacked = tf.stack(placed, 0)  # (K*K, N, grid_h, grid_w, C)
+    out = tf.reduce_sum(stacked, 0) if reduce == "sum" else tf.reduce_max(stacked, 0)
+    return out[:, :child_map.height, :child_map.width]  # (N, H, W, C)
+
+
+def _from_children(grid, child_map):
+    """Gathers `(N, H, W, C)` back to the window slots: `(N, P*K*K, C)`."""
+    tiled = ops.kernel_tile(grid, child_map.kernel, child_map.stride)  # (N, OH, OW, K*K, C)
+    return tf.reshape(tiled, [-1, child_map.positions * child_map.kernel ** 2, grid.shape[-1]])
+
+
+def initial_assignments(num_o, num_i, child_map=None, dtype=tf.float32):
+    """The first M-step's assignments: each child split evenly over all its parents.
+
+    Returns `(P or 1, 1, I or 1)`, broadcast over N and O: `1 / (O * n)` with n
+    the number of output positions that receive the child (1 without a child
+    map).
+    """
+    if child_map is None:
+        return tf.constant(1.0 / num_o, dtype, shape=[1, 1, 1])
+    area = child_map.kernel ** 2
+    counts = child_map.counts[child_map.index].astype(np.float64)  # (P*K*K,)
+    rr0 = np.repeat((1.0 / (num_o * counts)).reshape(child_map.positions, 1, area, 1),
+                    num_i // area, axis=3)  # (P, 1, K*K, C)
+    return tf.constant(rr0.reshape(child_map.positions, 1, num_i), dtype)  # (P, 1, I)
+
+
+def m_step_paper(rr, votes, i_activations, beta_v, beta_a, inverse_temperature, data_scale,
+                 variance_floor=VARIANCE_FLOOR):
+    """The paper's M-step, in the routing layout (input capsules last).
+
+    Args:
+      rr: assignments `(N, P, O, I)` (or broadcastable to it).
+      votes: `(N, P, O, 16, I)`.
+      i_activations: `(N, P, I)`.
+      beta_v, beta_a: `(O,)`.
+      inverse_temperature: lambda (float).
+      data_scale: O / I, the normalisation of the data assigned to a parent
+        (Gritzman Sec. 3.3).
+      variance_floor: added to every variance (Gritzman Sec. 3.2).
+
+    Returns:
+      `(mean (N, P, O, 16), var (N, P, O, 16), activations (N, P, O), dev2)`
+      with `dev2 = (votes - mean)^2` `(N, P, O, 16, I)`, which the E-step reuses.
+    """
+    rr_prime = rr * i_activations[:, :, None, :]  # (N, P, O, I)
+    rr_sum = tf.reduce_sum(rr_prime, -1)  # (N, P, O)
+    denom = (rr_sum + EPSILON)[..., None]  # (N, P, O, 1)
+    mean = tf.einsum("npoi,npohi->npoh", rr_prime, votes) / denom  # (N, P, O, 16)
+    dev2 = tf.square(votes - mean[..., None])  # (N, P, O, 16, I)
+    # Variance floor: Gritzman Sec. 3.2.
+    var = tf.einsum("npoi,npohi->npoh", rr_prime, dev2) / denom + variance_floor  # (N, P, O, 16)
+    log_stdv = 0.5 * tf.math.log(var)  # (N, P, O, 16)
+    # Paper Sec. 3: cost_h = (beta_v + log sigma_h) sum_i R_ij; the data term
+    # normalised by O / I (Gritzman Sec. 3.3).
+    cost = tf.reduce_sum(beta_v[:, None] + log_stdv, -1) * (rr_sum * data_scale)  # (N, P, O)
+    activations = tf.sigmoid(inverse_temperature * (beta_a - cost))  # (N, P, O)
+    return mean, var, activations, dev2
+
+
+def e_step_paper(var, activations, dev2, child_map=None):
+    """The paper's E-step: `R_ij = a_j p_j(V_ij) / sum_k a_k p_k(V_ik)` over all parents of i.
+
+    The constant `-8 log(2 pi)` of the 16-dimensional Gaussian cancels in the
+    normalisation and is left out.
+
+    Args:
+      var: `(N, P, O, 16)`; activations: `(N, P, O)`.
+      dev2: `(votes - mean)^2`, `(N, P, O, 16, I)`.
+      child_map: None (each child has parents at one position: a softmax over
+        O), or the `ChildMap` of a conv layer, whose children are normalised
+        over every position that receives them (Gritzman Sec. 3.1; I = K*K*C,
+        window slot major).
+
+    Returns:
+      assignments `(N, P, O, I)`.
+    """
+    log_p = (-tf.einsum("npohi,npoh->npoi", dev2, 0.5 / var)
+             - 0.5 * tf.reduce_sum(tf.math.log(var), -1)[..., None])  # (N, P, O, I)
+    zz = tf.math.log(activations + EPSILON)[..., None] + log_p  # (N, P, O, I)
+    return normalise_over_parents(zz, child_map)
+
+
+def normalise_over_parents(zz, child_map=None):
+    """`exp(zz)` normalised over every parent of each child: the E-step's softmax.
+
+    Args:
+      zz: `(N, P, O, I)` log numerators `log a_j + log p_j(V_ij)`.
+      child_map: None (a softmax over O) or the `ChildMap` of a conv layer
+        (over O and every position that receives the child).
+
+    Returns:
+      `(N, P, O, I)`, summing to 1 over the parents of every child.
+    """
+    if child_map is None:
+        e = tf.exp(zz - tf.stop_gradient(tf.reduce_max(zz, 2, keepdims=True)))  # (N, P, O, I)
+        return e / tf.reduce_sum(e, 2, keepdims=True)
+    num_p, num_o, num_i = zz.shape[1], zz.shape[2], zz.shape[3]
+    area = child_map.kernel ** 2
+    slot_max = tf.reshape(tf.reduce_max(zz, 2), [-1, num_p * area, num_i // area])
+    # (N, P*K*K, C)
+    top = _from_children(_to_children(slot_max, child_map, "max"), child_map)
+    # (N, P*K*K, C): the largest zz of each child over all its parents
+    top = tf.reshape(top, [-1, num_p, 1, num_i])  # (N, P, 1, I)
+    e = tf.exp(zz - tf.stop_gradient(top))  # (N, P, O, I)
+    slot_sum = tf.reshape(tf.reduce_sum(e, 2), [-1, num_p * area, num_i // area])
+    # (N, P*K*K, C)
+    total = _to_children(slot_sum, child_map, "sum")  # (N, H, W, C)
+    denom = tf.reshape(_from_children(total, child_map), [-1, num_p, 1, num_i])  # (N, P, 1, I)
+    return e / denom  # (N, P, O, I)
+
+
+def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
+                     final_lambda=FINAL_LAMBDA, child_map=None, return_assignments=False,
+                     variance_floor=VARIANCE_FLOOR, assignment_gradient=True):
+    """EM routing of the paper (procedure 1), with Gritzman's three pitfalls avoided.
+
+    Args:
+      votes: `(N, P, I, O, 16)`; with a `child_map` I = K*K*C, window slot
+        major (the layout of `ConvCaps`).
+      i_activations: `(N, P, I)`.
+      beta_v, beta_a: O values each.
+      iterations: EM iterations (>= 1); the last E-step is skipped.
+      final_lambda: scale of the inverse temperature schedule
+        (`inverse_temperatures_paper`).
+      child_map: None (class capsules: each child has one parent position) or
+        the `ChildMap` of a convolutional layer.
+      return_assignments: also return the rr of the last M-step.
+      variance_floor: added to every variance (Gritzman Sec. 3.2), > 0.
+      assignment_gradient: True (the paper, and the article's code): the
+        gradient flows through the E-steps' assignments too; False: the
+        assignments are treated as constants in the gradient (it flows
+        through the M-steps' means, variances and costs only). Through the
+        E-step the gradient is scaled by 1 / variance, which is up to
+        1 / variance_floor: at initialisation it is 100 times the M-step's
+        in ReLU Conv1 (docs/results.md).
+
+    Returns:
+      `(poses (N, P, O, 16), activations (N, P, O))` and rr `(N, P, I, O)`
+      with `return_assignments`.
+
+    Example:
+    >>> v = tf.random.normal([2, 1, 12, 3, 16])
+    >>> a = tf.fill([2, 1, 12], 0.5)
+    >>> p, act = em_routing_paper(v, a, tf.zeros(3), tf.zeros(3), 3)
+    >>> p.shape, act.shape
+    (TensorShape([2, 1, 3, 16]), TensorShape([2, 1, 3]))
+    """
+    votes = tf.convert_to_tensor(votes)
+    i_activations = tf.convert_to_tensor(i_activations, votes.dtype)
+    ops._check_iterations(iterations)
+    if votes.shape.rank != 5 or votes.shape[-1] != 16 or None in votes.shape[1:]:
+        raise ValueError(f"em_routing_paper votes must be (N, P, I, O, 16) with known P, I "
+                         f"and O, got shape {ops._static_shape(votes)}")
+    _, num_p, num_i, num_o, _ = votes.shape.as_list()
+    if i_activations.shape.rank != 3 or not i_activations.shape[1:].is_compatible_with(
+            [num_p, num_i]):
+        raise ValueError(f"em_routing_paper i_activations must be (N, P, I) = "
+                         f"{ops._static_shape(votes)[:3]}, got "
+                         f"{ops._static_shape(i_activations)}")
+    if child_map is not None and (num_p != child_map.positions
+                                  or num_i % (child_map.kernel ** 2)):
+        raise ValueError(f"em_routing_paper: votes {ops._static_shape(votes)} do not match "
+                         f"the child map ({child_map.positions} positions, kernel "
+                         f"{child_map.kernel})")
+    beta_v = ops._check_beta(beta_v, num_o, "beta_v", votes.dtype)  # (O,)
+    beta_a = ops._check_beta(beta_a, num_o, "beta_a", votes.dtype)  # (O,)
+    lambdas = inverse_temperatures_paper(iterations, final_lambda)
+    if isinstance(variance_floor, bool) or not variance_floor > 0:
+        raise ValueError(f"variance_floor must be > 0, got {variance_floor!r}")
+    data_scale = float(num_o) / float(num_i)
+    v = tf.transpose(votes, [0, 1, 3, 4, 2])  # (N, P, O, 16, I)
+    rr = initial_assignments(num_o, num_i, child_map, votes.dtype)  # (P or 1, 1, I or 1)
+    rr = rr * tf.ones([num_o, 1], votes.dtype)  # (P or 1, O, I or 1)
+    for t, lam in enumerate(lambdas):
+        mean, var, act, dev2 = m_step_paper(rr, v, i_activations, beta_v, beta_a, lam,
+                                            data_scale, variance_floor)
+        if t == iterations - 1:
+            break
+        rr = e_step_paper(var, act, dev2, child_map)  # (N, P, O, I)
+        if not assignment_gradient:
+            rr = tf.stop_gradient(rr)
+    if return_assignments:
+        full = rr * tf.ones_like(v[:, :, :, 0])  # (N, P, O, I)
+        return mean, act, tf.stop_gradient(tf.transpose(full, [0, 1, 3, 2]))  # rr (N, P, I, O)
+    return mean, act
+
+
+_SETTINGS = threading.local()
+
+
+@contextlib.contextmanager
+def compiled(enabled):
+    """Whether paper routing traced within the block is one XLA-compiled function per layer."""
+    previous = getattr(_SETTINGS, "jit", True)
+    _SETTINGS.jit = bool(enabled)
+    try:
+        yield
+    finally:
+        _SETTINGS.jit = previous
+
+
+_FUNCTIONS = {}
+
+
+def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_LAMBDA,
+          child_map=None, variance_floor=VARIANCE_FLOOR, assignment_gradient=True):
+    """`em_routing_paper` as the layers call it: XLA-compiled inside a tf.function.
+
+    Eagerly, or where XLA is off (`compiled(False)`, or inside a function
+    compiled as a whole), plain TensorFlow ops. The kernel entry of the paper
+    mode, the sibling of `capsem.ops._route` for the article mode.
+    """
+    jit = (not tf.executing_eagerly() and getattr(_SETTINGS, "jit", True)
+           and not ops.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    if not jit:
+        return em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
+                                final_lambda, child_map, variance_floor=variance_floor,
+                                assignment_gradient=assignment_gradient)
+    key = (iterations, float(final_lambda), float(variance_floor), bool(assignment_gradient),
+           None if child_map is None else (
+        child_map.height, child_map.width, child_map.kernel, child_map.stride))
+    if key not in _FUNCTIONS:
+        def fn(v, a, bv, ba):
+            return em_routing_paper(v, a, bv, ba, iterations, final_lambda, child_map,
+                                    variance_floor=variance_floor,
+                                    assignment_gradient=assignment_gradient)
+        _FUNCTIONS[key] = tf.function(fn, jit_compile=True, autograph=False)
+    return _FUNCTIONS[key](votes, i_activations, tf.reshape(beta_v, [-1]),
+                           tf.reshape(beta_a, [-1]))

@@ -1,0 +1,178 @@
+"""Tables and plots of training runs from their TensorBoard event files.
+
+    python -m capsem.report LOG_DIR [LOG_DIR ...] [--plot curves.png] [--markdown]
+
+prints, for every run, its test accuracy after each evaluation (with the
+epoch, the step and the wall time since the run's first event) and, with
+`--plot`, writes a PNG of the test accuracy and the training loss against the
+step, one curve per run. The numbers in docs/results.md are made this way.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+#: Scalars read from the event files.
+TAGS = ("test/accuracy", "test/loss", "train/loss", "train/accuracy", "train/margin",
+        "train/learning_rate")
+
+
+class ReportError(Exception):
+    """A log_dir without event files or with unreadable ones."""
+
+
+def read_scalars(log_dir, tags=TAGS):
+    """The scalars of the event files in `log_dir`.
+
+    Returns:
+      a dict `{tag: [(step, wall_time, value), ...]}` sorted by step (a step
+      written twice, e.g. by a resumed run, keeps its last value).
+
+    Raises:
+      ReportError: no event file in `log_dir`, or one that cannot be read.
+    """
+    import tensorflow as tf  # slow to import: only when reading
+
+    paths = sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+    if not paths:
+        raise ReportError(f"{log_dir}: no TensorBoard event files (events.out.tfevents.*); "
+                          f"pass the --log_dir of a training run")
+    found = {tag: {} for tag in tags}
+    for path in paths:
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if value.tag not in found:
+                        continue
+                    if value.HasField("tensor"):
+                        number = float(tf.make_ndarray(value.tensor))
+                    else:
+                        number = float(value.simple_value)
+                    found[value.tag][int(event.step)] = (event.wall_time, number)
+        except tf.errors.DataLossError:
+            # A run killed mid-write leaves a truncated last record: keep what was read.
+            continue
+        except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+            raise ReportError(f"{path}: cannot read ({e})") from None
+    return {tag: sorted((step, t, v) for step, (t, v) in values.items())
+            for tag, values in found.items()}
+
+
+def run_summary(log_dir):
+    """What a report shows of one run: its config, test accuracies and times."""
+    scalars = read_scalars(log_dir)
+    config = {}
+    path = os.path.join(log_dir, "config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    times = [t for values in scalars.values() for _, t, _ in values]
+    start = min(times) if times else 0.0
+    steps_per_epoch = None
+    if config.get("batch_size"):
+        # The MNIST-like datasets have 60000 training images; others: steps only.
+        num_train = {"mnist": 60000, "fashion_mnist": 60000}.get(config.get("dataset"))
+        if num_train:
+            steps_per_epoch = -(-num_train // int(config["batch_size"]))
+    tests = [{"step": step, "epoch": step / steps_per_epoch if steps_per_epoch else None,
+              "minutes": (t - start) / 60.0, "accuracy": acc}
+             for step, t, acc in scalars["test/accuracy"]]
+    return {"log_dir": log_dir, "config": config, "tests": tests, "scalars": scalars}
+
+
+def format_table(summaries, markdown=False):
+    """The test accuracies of several runs as text (or a markdown table)."""
+    lines = []
+    for s in summaries:
+        c = s["config"]
+        what = ", ".join(f"{k}={c[k]}" for k in ("recipe", "routing", "A", "B", "C", "D",
+                                                 "batch_size", "seed") if k in c)
+        lines.append(f"{s['log_dir']}" + (f" ({what})" if what else ""))
+        if markdown:
+            lines += ["", "| epoch | step | test accuracy | minutes |", "|---|---|---|---|"]
+        for t in s["tests"]:
+            epoch = f"{t['epoch']:.2f}" if t["epoch"] is not None else "-"
+            if markdown:
+                lines.append(f"| {epoch} | {t['step']} | {t['accuracy']:.4f} | "
+                             f"{t['minutes']:.1f} |")
+            else:
+                lines.append(f"  epoch {epoch:>6}  step {t['step']:>7d}  test accuracy "
+                             f"{t['accuracy']:.4f}  ({t['minutes']:.1f} min)")
+        if not s["tests"]:
+            lines.append("  (no test evaluation yet)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summaries, path, smooth=20):
+    """Writes a PNG: test accuracy and (smoothed) training loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s in summaries:
+        label = os.path.basename(os.path.normpath(s["log_dir"]))
+        tests = s["tests"]
+        if tests:
+            ax_acc.plot([t["step"] for t in tests], [t["accuracy"] for t in tests], "o-",
+                        label=label)
+        loss = s["scalars"]["train/loss"]
+        if loss:
+            steps = np.array([x[0] for x in loss])
+            values = np.array([x[2] for x in loss])
+            if len(values) > smooth:
+                kernel = np.ones(smooth) / smooth
+                values = np.convolve(values, kernel, mode="valid")
+                steps = steps[smooth - 1:]
+            ax_loss.plot(steps, values, label=label)
+    ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy")
+    ax_acc.grid(True, alpha=0.3)
+    ax_loss.set(xlabel="step", ylabel="spread loss (batch sum)", yscale="log",
+                title=f"Training loss (moving average of {smooth} summaries)")
+    ax_loss.grid(True, alpha=0.3)
+    for ax in (ax_acc, ax_loss):
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m capsem.report",
+        description="Test accuracy per evaluation of training runs (from their TensorBoard "
+                    "event files), and a PNG of the curves.")
+    parser.add_argument("log_dirs", nargs="+", metavar="LOG_DIR",
+                        help="the --log_dir of one or more training runs")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="write the test accuracy and training loss curves to this PNG "
+                             "(an existing file is not replaced unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --plot file")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    args = parser.parse_args(argv)
+    if args.plot and os.path.exists(args.plot) and not args.overwrite:
+        print(f"error: {args.plot} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
+    try:
+        summaries = [run_summary(d) for d in args.log_dirs]
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(summaries, markdown=args.markdown))
+    if args.plot:
+        plot(summaries, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Recipes (--recipe), their schedules, and a short training run of the paper recipe."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from capsem import datasets, losses, recipes, training
+from capsem.errors import ConfigError
+from mnist_fixtures import write_idx, IDX_NAMES
+
+
+def test_article_recipe_is_the_default_and_keeps_the_article_values():
+    config = training.TrainConfig()
+    for key, value in recipes.ARTICLE.items():
+        assert getattr(config, key) == value, key
+    assert config.recipe == "article" and config.routing == "article"
+    assert training.TrainConfig.from_recipe("article") == config
+
+
+def test_paper_recipe_fills_in_only_what_is_not_given():
+    config = training.TrainConfig.from_recipe("paper", learning_rate=None, final_lambda=2.5,
+                                              batch_size=8)
+    assert config.routing == "paper" and config.margin_schedule == "linear"
+    assert config.learning_rate == recipes.PAPER["learning_rate"]
+    assert config.final_lambda == 2.5 and config.batch_size == 8
+    assert config.to_dict()["recipe"] == "paper"
+    with pytest.raises(ConfigError, match="recipe must be one of article, paper"):
+        training.TrainConfig.from_recipe("fast")
+    with pytest.raises(ConfigError, match="routing must be one of article, paper"):
+        training.TrainConfig(routing="fast").validate()
+    with pytest.raises(ConfigError, match="lr_decay_rate must be in"):
+        training.TrainConfig(lr_decay_rate=1.5).validate()
+
+
+def test_margin_schedules():
+    article = losses.make_margin_schedule("article", 10)
+    assert [round(float(article(s)), 6) for s in (0, 10, 11, 70, 71)] == [0.2, 0.2, 0.3, 0.8, 0.9]
+    linear = losses.make_margin_schedule("linear", 10, ramp_steps=100)
+    np.testing.assert_allclose([float(linear(s)) for s in (0, 50, 100, 1000)],
+                               [0.2, 0.55, 0.9, 0.9], rtol=1e-6)
+    with pytest.raises(ValueError, match="margin schedule must be one of"):
+        losses.make_margin_schedule("cosine", 10)
+
+
+def test_learning_rate_decay():
+    config = training.TrainConfig(learning_rate=3e-3, lr_decay_rate=0.5, lr_decay_steps=100)
+    schedule = training.learning_rate(config)
+    np.testing.assert_allclose([float(schedule(0)), float(schedule(100)), float(schedule(50))],
+                               [3e-3, 1.5e-3, 3e-3 * 0.5 ** 0.5], rtol=1e-6)
+    assert training.learning_rate(training.TrainConfig()) == 1e-3
+
+
+def test_random_shift_moves_the_digit_and_keeps_the_background():
+    image = np.zeros((28, 28, 1), np.uint8)
+    image[10:14, 12:16] = 255
+    seen = set()
+    for k in range(40):
+        out = datasets.random_shift_image(tf.constant(image), 2,
+                                          tf.constant([k, 1], tf.int64)).numpy()
+        ys, xs = np.nonzero(out[..., 0])
+        dy, dx = ys.min() - 10, xs.min() - 12
+        assert abs(dy) <= 2 and abs(dx) <= 2
+        assert out.sum() == image.sum()  # the whole square, shifted
+        seen.add((dy, dx))
+    assert len(seen) > 10
+    same = datasets.random_shift_image(tf.constant(image), 2, tf.constant([3, 1], tf.int64))
+    again = datasets.random_shift_image(tf.constant(image), 2, tf.constant([3, 1], tf.int64))
+    assert np.array_equal(same.numpy(), again.numpy())
+
+
+def _two_classes(rng, n):
+    """Two classes: noisy dark images (label 0) or noisy bright ones (label 1)."""
+    labels = rng.integers(0, 2, size=n).astype(np.uint8)
+    base = np.where(labels[:, None, None] == 1, 170, 20)
+    images = (base + rng.integers(0, 80, size=(n, 28, 28))).astype(np.uint8)
+    return images, labels
+
+
+def test_paper_recipe_learns_a_two_class_problem(tmp_path):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "idx"
+    source.mkdir()
+    for split, n in (("train", 160), ("test", 60)):
+        images, labels = _two_classes(rng, n)
+        write_idx(os.path.join(source, IDX_NAMES[split][0]), images)
+        write_idx(os.path.join(source, IDX_NAMES[split][1]), labels)
+    dataset_dir = str(tmp_path / "tfrecords")
+    datasets.convert_mnist(str(source), dataset_dir, expected_counts=(160, 60))
+    config = training.TrainConfig.from_recipe(
+        "paper", dataset_dir=dataset_dir, log_dir=str(tmp_path / "logs"), batch_size=8,
+        eval_batch_size=20, iterations=None, A=8, B=4, C=4, D=4, epochs=3, seed=1,
+        summary_secs=3600, histogram_secs=3600, checkpoint_secs=3600, log_every_steps=100,
+        jit_compile=False, learning_rate=None, margin_ramp_epochs=0.5)
+    result = training.train(config)
+    losses_ = result["history"]["loss"]  # 20 steps per epoch; the margin is 0.9 from step 10
+    assert np.mean(losses_[-10:]) < 0.75 * np.mean(losses_[10:20]), losses_
+    assert result["test"]["accuracy"] >= 0.9, result["test"]  # chance: 0.5
+    saved = json.load(open(os.path.join(config.log_dir, "config.json")))
+    assert saved["recipe"] == "paper" and saved["routing"] == "paper"
+    assert saved["learning_rate"] == recipes.PAPER["learning_rate"]
+
+
+def test_a_checkpoint_of_one_routing_is_not_resumed_with_the_other(tmp_path):
+    from mnist_fixtures import make_tiny_tfrecords
+
+    _, dataset_dir = make_tiny_tfrecords(tmp_path)
+    common = dict(dataset_dir=dataset_dir, log_dir=str(tmp_path / "logs"), batch_size=4,
+                  eval_batch_size=5, A=4, B=2, C=2, D=2, max_steps=1, seed=3,
+                  summary_secs=3600, histogram_secs=3600, checkpoint_secs=3600,
+                  jit_compile=False, eval_every_epoch=False)
+    training.train(training.TrainConfig.from_recipe("article", **common))
+    with pytest.raises(ConfigError, match=r"routing='article' \(this run: 'paper'\)"):
+        training.train(training.TrainConfig.from_recipe("paper", **common))

@@ -1,0 +1,49 @@
+"""python -m capsem.report: tables and curves from the event files of runs."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from capsem import report
+
+
+def _fake_run(log_dir, accuracies, batch_size=24):
+    os.makedirs(log_dir)
+    with open(os.path.join(log_dir, "config.json"), "w") as f:
+        json.dump({"dataset": "mnist", "batch_size": batch_size, "recipe": "paper",
+                   "A": 64}, f)
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for step in range(1, 101):
+            tf.summary.scalar("train/loss", 10.0 / step, step=step)
+        for k, acc in enumerate(accuracies):
+            tf.summary.scalar("test/accuracy", acc, step=2500 * (k + 1))
+    writer.close()
+
+
+def test_report_prints_the_accuracies_and_plots(tmp_path, capsys):
+    run_a, run_b = str(tmp_path / "a"), str(tmp_path / "b")
+    _fake_run(run_a, [0.9, 0.95])
+    _fake_run(run_b, [0.5])
+    png = str(tmp_path / "curves.png")
+    assert report.main([run_a, run_b, "--plot", png, "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1.00 | 2500 | 0.9000 |" in out and "| 2.00 | 5000 | 0.9500 |" in out
+    assert "| 1.00 | 2500 | 0.5000 |" in out and "recipe=paper" in out
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = report.run_summary(run_a)
+    np.testing.assert_allclose([x[2] for x in summary["scalars"]["train/loss"]][:3],
+                               [10.0, 5.0, 10.0 / 3], rtol=1e-6)
+    # An existing plot is not replaced without --overwrite.
+    assert report.main([run_a, "--plot", png]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert report.main([run_a, "--plot", png, "--overwrite"]) == 0
+
+
+def test_report_names_a_directory_without_events(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "no TensorBoard event files" in err
