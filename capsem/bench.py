@@ -101,7 +101,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
       config: a key of `CONFIGS`.
       mode: "train" or "infer".
       sizes: dict overriding A, B, C, D of the config.
-      micro_batch_size: None: TrainStep's default; 0: the whole batch; else the size.
+      micro_batch_size: None: train.py's default (`capsem.step.default_micro_batch_size`);
+        0: the whole batch; else the size.
       jit: None: the default of TrainStep / make_eval_step; else their
         jit_compile, True, False or "whole".
       intra_op_threads, inter_op_threads: for `capsem.step.configure_threads`
@@ -148,6 +149,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     if mode == "train":
         if micro_batch_size is not None:
             kwargs["micro_batch_size"] = micro_batch_size or None
+        else:  # train.py's default (1 with the paper's routing)
+            kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(settings["routing"])
         train_step = step_lib.TrainStep(model, step_lib.make_optimizer(),
                                         iterations_per_epoch=1000, clip_norm=4.0, **kwargs)
         used_micro, used_jit = train_step.micro_batch_size, train_step.jit_compile

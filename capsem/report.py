@@ -127,15 +127,15 @@ def plot(summaries, path, smooth=20):
         if loss:
             steps = np.array([x[0] for x in loss])
             values = np.array([x[2] for x in loss])
-            if len(values) > smooth:
-                kernel = np.ones(smooth) / smooth
-                values = np.convolve(values, kernel, mode="valid")
-                steps = steps[smooth - 1:]
+            window = max(1, min(smooth, len(values) // 10))  # short runs: little smoothing
+            if window > 1:
+                values = np.convolve(values, np.ones(window) / window, mode="valid")
+                steps = steps[window - 1:]
             ax_loss.plot(steps, values, label=label)
     ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy")
     ax_acc.grid(True, alpha=0.3)
     ax_loss.set(xlabel="step", ylabel="spread loss (batch sum)", yscale="log",
-                title=f"Training loss (moving average of {smooth} summaries)")
+                title=f"Training loss (moving average of up to {smooth} summaries)")
     ax_loss.grid(True, alpha=0.3)
     for ax in (ax_acc, ax_loss):
         if ax.lines:

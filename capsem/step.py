@@ -37,6 +37,18 @@ def make_optimizer(learning_rate=1e-3, epsilon=TF1_ADAM_EPSILON):
                                  epsilon=epsilon)
 
 
+#: The gradient micro-batch size used with the paper's routing by default: its
+#: votes are materialised (capsem.paper_routing), and one example at a time
+#: they stay in the CPU caches (2.1x faster than batch 24 on 2 cores,
+#: docs/results.md).
+PAPER_MICRO_BATCH_SIZE = 1
+
+
+def default_micro_batch_size(routing):
+    """The default gradient micro-batch size for a routing mode (None: the whole batch)."""
+    return PAPER_MICRO_BATCH_SIZE if routing == "paper" else None
+
+
 def clip_per_variable(grads, clip_norm):
     """Clips each gradient to L2 norm `clip_norm` separately (tf-slim `clip_gradient_norms`)."""
     if clip_norm is None or clip_norm <= 0:

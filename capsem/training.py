@@ -38,9 +38,6 @@ ARCHITECTURE_KEYS = ("dataset", "A", "B", "C", "D", "routing")
 
 CONFIG_FILE = "config.json"
 
-#: The default gradient micro-batch size of the paper's routing.
-PAPER_MICRO_BATCH_SIZE = 1
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -88,7 +85,7 @@ class TrainConfig:
       random_shift: training images are shifted by up to this many pixels in
         each direction (zero padding, MNIST-like datasets; 0: none).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default, or
-        `PAPER_MICRO_BATCH_SIZE` with the paper's routing).
+        `capsem.step.default_micro_batch_size` of the routing).
       jit_compile: compile the training and evaluation steps (see
         `capsem.step.TrainStep`).
       routing_kernels: "native" or "xla", the EM routing kernels (see
@@ -540,11 +537,8 @@ class _Trainer:
         kwargs = {}
         if config.micro_batch_size is not None:
             kwargs["micro_batch_size"] = config.micro_batch_size
-        elif config.routing == "paper":
-            # The paper's routing materialises the votes (capsem.paper_routing): one
-            # example at a time they stay in the CPU caches (2.1x faster than batch 24
-            # on 2 cores, docs/results.md).
-            kwargs["micro_batch_size"] = PAPER_MICRO_BATCH_SIZE
+        elif step_lib.default_micro_batch_size(config.routing) is not None:
+            kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(config.routing)
         self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
                                           clip_norm=config.clip_norm,
                                           jit_compile=config.jit_compile,
