@@ -804,8 +804,8 @@ def random_shift_image(image, max_shift, seed_pair):
 
     The image is zero-padded by `max_shift` on every side and a random
     window of its size is cut out (stateless: the same `seed_pair` gives the
-    same shift). The paper's MNIST training shifts digits by up to 2 pixels
-    (Sec. 5; `random_shift` in `capsem.recipes`).
+    same shift). A common MNIST augmentation (`random_shift` in
+    `capsem.recipes`; not measured yet, docs/results.md).
     """
     shape = image.shape
     padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])

@@ -38,7 +38,7 @@ MARGIN_SCHEDULES = ("article", "linear")
 def linear_margin_schedule(step, ramp_steps):
     """The paper's margin: from 0.2 at step 0 linearly to 0.9 at `ramp_steps`, then 0.9.
 
-    Paper Sec. 4: "starting from a small margin of 0.2 and linearly
+    The paper, on the spread loss: "starting from a small margin of 0.2 and linearly
     increasing it during training to 0.9" (the length of the ramp is not
     given: a setting, `margin_ramp_epochs` in `capsem.recipes`).
 

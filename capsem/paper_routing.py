@@ -5,27 +5,29 @@ routes every output position as an independent problem and normalises the
 activation cost over the output capsules. This module follows procedure 1 of
 the paper and the implementation notes of Gritzman (2019), "Avoiding
 Implementation Pitfalls of Matrix Capsules with EM Routing" (arXiv 1907.00652),
-which names three pitfalls of the article-style code that are avoided here:
+which names three pitfalls of the article-style code that are avoided here
+(numbered below as "pitfall 1-3"):
 
-1. *Parents at different positions compete for a child* (Gritzman Sec. 3.1; the
+1. *Parents at different positions compete for a child* (pitfall 1; the
    paper's E-step normalises `R_ij` over all parents `j in Omega_{L+1}` that
    receive child i): in a convolutional capsule layer the E-step's softmax of
    a child runs over every (output position, output type) whose K x K window
    contains it, and the initial assignments split each child evenly over those
    parents.
-2. *A parent with one child collapses* (Gritzman Sec. 3.2): its variance goes
+2. *A parent with one child collapses* (pitfall 2): its variance goes
    to 0 and `log sigma` to minus infinity; a variance floor `VARIANCE_FLOOR`
    is added to every variance.
-3. *The amount of data assigned to a parent is normalised* (Gritzman Sec. 3.3):
+3. *The amount of data assigned to a parent is normalised* (pitfall 3):
    the cost uses `R_j * O / I` (I: children per parent, O: parent types), so
    its scale does not grow with the number of children of a layer.
 
 The M-step's cost is the paper's (Sec. 3): `cost_h = (beta_v + log sigma_h) *
 R_j`, `a_j = logistic(lambda * (beta_a - sum_h cost_h))`, with `beta_v` and
-`beta_a` learned per output capsule type (the authors' OpenReview answer: one
-beta per capsule type, shared across positions), and no normalisation of the
-cost over the output capsules (which the article's code adds). The inverse
-temperature follows the schedule the authors gave on OpenReview:
+`beta_a` learned per output capsule type and shared across positions (as
+IBM's implementation of Gritzman 2019 does), and no normalisation of the cost
+over the output capsules (which the article's code adds). The inverse
+temperature follows the schedule of IBM's implementation, which it attributes
+to the authors' answer on OpenReview:
 `lambda_t = final_lambda * (1 - 0.95 ** (t + 1))`.
 
 The last E-step is skipped (the paper's procedure ends with an M-step) and
@@ -55,7 +57,7 @@ import tensorflow as tf
 
 from capsem import ops
 
-#: Added to every variance (Gritzman Sec. 3.2: a parent with one child, or
+#: Added to every variance (Gritzman 2019, pitfall 2: a parent with one child, or
 #: with votes that agree, must not reach log(0)).
 VARIANCE_FLOOR = 1e-4
 
@@ -68,12 +70,11 @@ FINAL_LAMBDA = 1.0
 
 
 def inverse_temperatures_paper(iterations, final_lambda=FINAL_LAMBDA):
-    """The schedule of the paper's authors: `final_lambda * (1 - 0.95 ** (t + 1))`.
+    """The inverse temperature schedule `final_lambda * (1 - 0.95 ** (t + 1))`.
 
-    From the authors' answer on OpenReview (quoted in IBM's implementation,
-    em_routing.py, with final_lambda 0.01 on an unnormalised cost whose data
-    term is 100 times the normalised one used here, i.e. 1.0 in this
-    module's units).
+    IBM's implementation (em_routing.py) uses it, citing the authors' answer
+    on OpenReview, with final_lambda 0.01 on a cost whose data term is 100
+    times the normalised one used here, i.e. 1.0 in this module's units.
 
     Args:
       iterations: EM iterations (int >= 1).
@@ -185,8 +186,8 @@ def m_step_paper(rr, votes, i_activations, beta_v, beta_a, inverse_temperature, 
       beta_v, beta_a: `(O,)`.
       inverse_temperature: lambda (float).
       data_scale: O / I, the normalisation of the data assigned to a parent
-        (Gritzman Sec. 3.3).
-      variance_floor: added to every variance (Gritzman Sec. 3.2).
+        (Gritzman 2019, pitfall 3).
+      variance_floor: added to every variance (Gritzman 2019, pitfall 2).
 
     Returns:
       `(mean (N, P, O, 16), var (N, P, O, 16), activations (N, P, O), dev2)`
@@ -197,11 +198,11 @@ def m_step_paper(rr, votes, i_activations, beta_v, beta_a, inverse_temperature, 
     denom = (rr_sum + EPSILON)[..., None]  # (N, P, O, 1)
     mean = tf.einsum("npoi,npohi->npoh", rr_prime, votes) / denom  # (N, P, O, 16)
     dev2 = tf.square(votes - mean[..., None])  # (N, P, O, 16, I)
-    # Variance floor: Gritzman Sec. 3.2.
+    # Variance floor: Gritzman 2019, pitfall 2.
     var = tf.einsum("npoi,npohi->npoh", rr_prime, dev2) / denom + variance_floor  # (N, P, O, 16)
     log_stdv = 0.5 * tf.math.log(var)  # (N, P, O, 16)
     # Paper Sec. 3: cost_h = (beta_v + log sigma_h) sum_i R_ij; the data term
-    # normalised by O / I (Gritzman Sec. 3.3).
+    # normalised by O / I (Gritzman 2019, pitfall 3).
     cost = tf.reduce_sum(beta_v[:, None] + log_stdv, -1) * (rr_sum * data_scale)  # (N, P, O)
     activations = tf.sigmoid(inverse_temperature * (beta_a - cost))  # (N, P, O)
     return mean, var, activations, dev2
@@ -218,7 +219,8 @@ def e_step_paper(var, activations, dev2, child_map=None):
       dev2: `(votes - mean)^2`, `(N, P, O, 16, I)`.
       child_map: None (each child has parents at one position: a softmax over
         O), or the `ChildMap` of a conv layer, whose children are normalised
-        over every position that receives them (Gritzman Sec. 3.1; I = K*K*C,
+        over every position that receives them (Gritzman 2019, pitfall 1;
+        I = K*K*C,
         window slot major).
 
     Returns:
@@ -275,7 +277,7 @@ def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
       child_map: None (class capsules: each child has one parent position) or
         the `ChildMap` of a convolutional layer.
       return_assignments: also return the rr of the last M-step.
-      variance_floor: added to every variance (Gritzman Sec. 3.2), > 0.
+      variance_floor: added to every variance (Gritzman 2019, pitfall 2), > 0.
       assignment_gradient: True (the paper, and the article's code): the
         gradient flows through the E-steps' assignments too; False: the
         assignments are treated as constants in the gradient (it flows

@@ -41,16 +41,16 @@ PAPER = {
     # schedule that keeps 3 iterations as fast is found. --iterations=3 gives the
     # paper's routing in full.
     "iterations": 1,
-    # The authors' schedule lambda_t = final_lambda (1 - 0.95^(t+1)) (OpenReview
-    # answer, quoted in IBM's em_routing.py with final_lambda 0.01 on a data
-    # term 100 times ours): 1.0 here.
+    # lambda_t = final_lambda (1 - 0.95^(t+1)), IBM's em_routing.py, which
+    # attributes it to the authors' OpenReview answer (final_lambda 0.01 on a
+    # data term 100 times ours): 1.0 here.
     "final_lambda": 1.0,
-    # Gritzman Sec. 3.2: a floor on the variance.
+    # Gritzman 2019, pitfall 2: a floor on the variance.
     "variance_floor": 1e-4,
     # The paper differentiates through all of routing.
     "assignment_gradient": True,
     "transform_stddev": 1.0,
-    # Paper Sec. 4 (spread loss): "starting from a small margin of 0.2 and
+    # The paper, on the spread loss: "starting from a small margin of 0.2 and
     # linearly increasing it during training to 0.9".
     "margin_schedule": "linear",
     "margin_ramp_epochs": 5.0,
