@@ -50,7 +50,6 @@ article's routing only.
 """
 
 import contextlib
-import threading
 
 import numpy as np
 import tensorflow as tf
@@ -337,18 +336,11 @@ def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
     return mean, act
 
 
-_SETTINGS = threading.local()
-
-
 @contextlib.contextmanager
 def compiled(enabled):
     """Whether paper routing traced within the block is one XLA-compiled function per layer."""
-    previous = getattr(_SETTINGS, "jit", True)
-    _SETTINGS.jit = bool(enabled)
-    try:
+    with ops._setting("paper_jit", bool(enabled)):
         yield
-    finally:
-        _SETTINGS.jit = previous
 
 
 _FUNCTIONS = {}
@@ -362,7 +354,7 @@ def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_L
     compiled as a whole), plain TensorFlow ops. The kernel entry of the paper
     mode, the sibling of `capsem.ops._route` for the article mode.
     """
-    jit = (not tf.executing_eagerly() and getattr(_SETTINGS, "jit", True)
+    jit = (not tf.executing_eagerly() and getattr(ops._SETTINGS, "paper_jit", True)
            and not ops.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
     if not jit:
         return em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
