@@ -4,6 +4,7 @@ Importing this module defines the flags; `config_from_flags` turns the parsed
 flags into a `capsem.training.TrainConfig` (library code never reads FLAGS).
 """
 
+import dataclasses
 import os
 
 from absl import flags
@@ -138,6 +139,12 @@ flags.DEFINE_integer("keep_checkpoints", 2, "How many recent checkpoints to keep
                      lower_bound=1)
 flags.DEFINE_bool("eval_every_epoch", True,
                   "Evaluate on the full test set after every epoch.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Resume a --log_dir whose config.json has other values of settings that "
+                  "change what is computed (iterations, routing, recipe, batch size, seed, "
+                  "clip norm, ...): each change is logged and recorded in config.json with the "
+                  "step where it began. Without it such a resume stops with an error listing "
+                  "the differences. The architecture (--A..--D, --dataset) can never change.")
 
 
 # Settings a recipe decides are None when not given; given, they must be > 0.
@@ -188,4 +195,16 @@ def config_from_flags(values):
         log_every_steps=values.log_every_steps,
         summary_secs=values.summary_secs, histogram_secs=values.histogram_secs,
         checkpoint_secs=values.checkpoint_secs, keep_checkpoints=values.keep_checkpoints,
-        eval_every_epoch=values.eval_every_epoch, max_bad_steps=values.max_bad_steps)
+        eval_every_epoch=values.eval_every_epoch, max_bad_steps=values.max_bad_steps,
+        allow_config_change=values.allow_config_change)
+
+
+def explicit_settings(values):
+    """The names of the TrainConfig fields whose flags the user gave on the command line."""
+    from capsem.training import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {name for name in fields if name in values and values[name].present}
+    if "dataset_dir" in values and values["dataset_dir"].present:
+        given.add("dataset_dir")
+    return given

@@ -18,6 +18,8 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    # The full licence text, in the sdist and the wheel's metadata.
+    license_files=["LICENSE"],
     packages=find_packages(exclude=("tests", "tests.*")),
     # The C++ source of the native EM routing kernels, compiled on first use
     # (capsem/native.py).

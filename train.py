@@ -19,7 +19,8 @@ import mnist_config  # noqa: E402  (defines the data flags)
 
 flags.DEFINE_enum("mode", "train", ("train", "eval"),
                   "'train' trains (resuming from the latest checkpoint in --log_dir); 'eval' "
-                  "evaluates a checkpoint on the test set: accuracy, loss, confusion matrix.")
+                  "evaluates a checkpoint on the test set (accuracy, loss, confusion matrix) "
+                  "with the network of --log_dir's config.json (flags given explicitly win).")
 flags.DEFINE_string("checkpoint", None,
                     "With --mode=eval: the checkpoint prefix to evaluate (default: the latest "
                     "in --log_dir).")
@@ -71,7 +72,8 @@ def main(argv):
                 logging.info("Final test accuracy %.4f at step %d", result["test"]["accuracy"],
                              result["step"])
         else:
-            training.evaluate(config, FLAGS.checkpoint)
+            training.evaluate(config, FLAGS.checkpoint,
+                              explicit=cap_config.explicit_settings(FLAGS))
     except CapsemError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -875,7 +875,8 @@ def _smallnorb_image(image, training, seed_pair):
     return tf.ensure_shape(x, (_SMALLNORB_CROP, _SMALLNORB_CROP, 1))
 
 
-def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0):
+def _tfds_load(info, split, dataset_dir):
+    """tensorflow-datasets' prepared split (no download), or a DataError saying how to prepare it."""
     import tensorflow_datasets as tfds  # slow to import: only when asked for
 
     where = os.fspath(dataset_dir) if dataset_dir is not None else os.environ.get(
@@ -883,7 +884,7 @@ def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random
     not_found = (AssertionError, FileNotFoundError, tf.errors.NotFoundError,
                  tfds.core.DatasetNotFoundError)
     try:
-        ds = tfds.load(info.name, split=split, data_dir=dataset_dir, download=False)
+        return tfds.load(info.name, split=split, data_dir=dataset_dir, download=False)
     except not_found as e:
         raise DataError(
             f"{where}: no prepared tensorflow-datasets data for {info.name!r} "
@@ -892,6 +893,35 @@ def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random
             f"dataset directory ({_first_line(e)})"
         ) from None
 
+
+def tfds_split_sizes(name, dataset_dir=None):
+    """The numbers of examples of the prepared tfds splits of a dataset.
+
+    What the prepared data hold, which can differ from `DatasetInfo`'s
+    constants (another version of the dataset, a subset).
+
+    Returns:
+      a dict {split: number of examples} for `SPLITS`.
+
+    Raises:
+      DataError: the data are not prepared, or a split holds no example.
+    """
+    info = get_info(name)
+    sizes = {}
+    for split in SPLITS:
+        ds = _tfds_load(info, split, dataset_dir)
+        count = int(ds.cardinality())
+        if count < 0:  # unknown: count them
+            count = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+        if count == 0:
+            raise DataError(f"the prepared tensorflow-datasets split {name}/{split} holds no "
+                            f"examples")
+        sizes[split] = count
+    return sizes
+
+
+def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0):
+    ds = _tfds_load(info, split, dataset_dir)
     label_key = "label_category" if info.name == "smallnorb" else "label"
     ds = ds.map(lambda ex: (ex["image"], ex[label_key]))
     if training:

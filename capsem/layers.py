@@ -8,6 +8,14 @@ same numbers, but with no batch size, kernel size or grid shape hard-coded.
 Capsule tensors are passed between layers as a pair `[poses, activations]`:
 poses `(N, H, W, caps, 4, 4)` and activations `(N, H, W, caps)`.
 
+Precision: the layers compute in float32 unless given a `dtype`, also under a
+Keras mixed-precision policy ("mixed_float16", "mixed_bfloat16"), which then
+applies to a model's other layers only; Keras casts the capsule layers'
+inputs to float32. Half precision is too coarse for EM routing: in float16
+its epsilon 1e-9 is 0 (so `stable=True` guards nothing), and float16 and
+bfloat16 keep 3 or 2 significant digits of its sums over hundreds of votes.
+`ConvCaps` and `ClassCaps` therefore reject a float16 or bfloat16 `dtype`.
+
 Reference: G. E. Hinton, S. Sabour, N. Frosst, "Matrix capsules with EM
 routing", ICLR 2018.
 """
@@ -22,6 +30,31 @@ _PACKAGE = "capsem"
 #: EM routing modes: the article's code (`capsem.ops.em_routing`) or the
 #: paper's procedure (`capsem.paper_routing.em_routing_paper`).
 ROUTING_MODES = ("article", "paper")
+
+#: Compute dtypes the routing layers accept (see the module docstring).
+ROUTING_DTYPES = ("float32", "float64")
+
+
+def _float32_by_default(kwargs):
+    """Layer `kwargs` with `dtype="float32"` unless the caller gave a dtype.
+
+    Without a dtype a Keras layer takes the global dtype policy, so under a
+    mixed-precision policy it would compute in float16 or bfloat16. With a
+    float32 policy Keras casts the layer's floating-point inputs to float32.
+    """
+    if kwargs.get("dtype") is None:
+        kwargs = dict(kwargs, dtype="float32")
+    return kwargs
+
+
+def _check_routing_dtype(layer):
+    compute_dtype = layer.dtype_policy.compute_dtype
+    if compute_dtype not in ROUTING_DTYPES:
+        raise ValueError(
+            f"{layer.__class__.__name__} '{layer.name}': EM routing needs a compute dtype in "
+            f"{ROUTING_DTYPES}, got dtype {layer.dtype_policy.name!r} (compute dtype "
+            f"{compute_dtype}, too coarse for its epsilon and sums); leave dtype unset to "
+            f"route in float32 under a mixed-precision policy")
 
 
 def _transform_initializer():
@@ -78,7 +111,10 @@ class PrimaryCaps(keras.layers.Layer):
       kernel_initializer: initializer of both convolution kernels
         (slim.conv2d's default, Glorot uniform).
       bias_initializer: initializer of both biases (zeros).
-      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
+      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`). Without a
+        `dtype` the layer computes in float32 whatever the global dtype
+        policy: its activations feed EM routing's divisions, and in float16
+        a sigmoid below 6e-8 is 0.
 
     Input shape:
       `(N, H, W, A)` feature maps.
@@ -96,7 +132,7 @@ class PrimaryCaps(keras.layers.Layer):
     def __init__(self, capsules, kernel_size=1, strides=1, padding="valid",
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_float32_by_default(kwargs))
         self.capsules = _check_positive_int(capsules, "capsules")
         self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
         self.strides = _check_positive_int(strides, "strides")
@@ -186,7 +222,8 @@ class _RoutingLayer(keras.layers.Layer):
                  beta_initializer, routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
                  variance_floor=paper_routing.VARIANCE_FLOOR, assignment_gradient=True,
                  **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_float32_by_default(kwargs))
+        _check_routing_dtype(self)
         self.capsules = _check_positive_int(capsules, "capsules")
         self.iterations = _check_positive_int(iterations, "iterations")
         if not isinstance(stable, bool):
@@ -247,8 +284,7 @@ class _RoutingLayer(keras.layers.Layer):
                 f"{self.__class__.__name__} '{self.name}' expects a pair [poses "
                 f"(N, H, W, caps, 4, 4), activations (N, H, W, caps)], got "
                 f"{type(inputs).__name__}") from None
-        poses = tf.convert_to_tensor(poses, dtype=self.compute_dtype)
-        activations = tf.convert_to_tensor(activations, dtype=self.compute_dtype)
+        poses, activations = self._to_compute_dtype(poses), self._to_compute_dtype(activations)
         if not self.built:
             self.build([tuple(poses.shape), tuple(activations.shape)])
         else:
@@ -260,6 +296,13 @@ class _RoutingLayer(keras.layers.Layer):
                     f"{tuple(self.w.shape)}), got {poses.shape[3]} (poses shape "
                     f"{tuple(poses.shape)})")
         return poses, activations
+
+    def _to_compute_dtype(self, x):
+        """`x` as a tensor of the compute dtype; other floats are cast, as `__call__` does."""
+        x = tf.convert_to_tensor(x)
+        if x.dtype.is_floating and x.dtype != self.compute_dtype:
+            return tf.cast(x, self.compute_dtype)
+        return tf.convert_to_tensor(x, dtype=self.compute_dtype)
 
     def article_variables(self):
         """The layer's weights under their TF1 names relative to the layer scope."""
@@ -315,7 +358,9 @@ class ConvCaps(_RoutingLayer):
       variance_floor: the paper routing's variance floor.
       assignment_gradient: whether the paper routing's gradient flows through
         its assignments (see `capsem.paper_routing.em_routing_paper`).
-      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
+      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`). `dtype`
+        defaults to float32 whatever the global dtype policy; a float16 or
+        bfloat16 one raises ValueError.
 
     Input shape:
       `[poses (N, H, W, I, 4, 4), activations (N, H, W, I)]`.
@@ -473,7 +518,9 @@ class ClassCaps(_RoutingLayer):
       variance_floor: the paper routing's variance floor.
       assignment_gradient: whether the paper routing's gradient flows through
         its assignments (see `capsem.paper_routing.em_routing_paper`).
-      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`).
+      **kwargs: base `keras.layers.Layer` arguments (e.g. `name`). `dtype`
+        defaults to float32 whatever the global dtype policy; a float16 or
+        bfloat16 one raises ValueError.
 
     Input shape:
       `[poses (N, H, W, I, 4, 4), activations (N, H, W, I)]`; H and W may differ.

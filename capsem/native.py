@@ -4,8 +4,9 @@
 and its gradient `CapsemEmRoutingGrad`, which route one problem at a time
 with its votes in a per-thread buffer that stays in the core's cache (see
 the comment at the top of the file). They are compiled with the C++
-compiler of the machine (`$CXX`, else `c++`) against the headers of the
-installed TensorFlow, once per source, TensorFlow version and CPU, into a
+compiler of the machine (`choose_compiler`: `$CXX`, else the first of `g++`,
+`c++` and `clang++` on the PATH) against the headers of the installed
+TensorFlow, once per source, compiler, TensorFlow version and CPU, into a
 cache directory (`$CAPSEM_CACHE_DIR`, else `~/.cache/capsem`), which takes
 about 10 s the first time.
 
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,10 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "em
 _LOCK = threading.Lock()
 _STATE = {}
 
+#: Compilers tried, in order, when `$CXX` is unset. g++ comes first: the kernels
+#: are tuned and measured with GCC, and `c++` is Clang on some systems.
+COMPILERS = ("g++", "c++", "clang++")
+
 log = logging.getLogger("capsem")
 
 
@@ -43,6 +49,50 @@ class NativeBuildError(RuntimeError):
 def enabled_by_environment():
     """False when `CAPSEM_NATIVE` is set to 0, false, no or off."""
     return os.environ.get("CAPSEM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def choose_compiler(environ=None, which=shutil.which):
+    """The command that compiles the kernels: `$CXX`, else the first of `COMPILERS` found.
+
+    Args:
+      environ: the environment to read `CXX` from (default `os.environ`); it
+        may hold arguments after the program, e.g. "ccache g++".
+      which: finds a program on the PATH and returns its path or None
+        (default `shutil.which`).
+
+    Returns:
+      the command as a list, its program as the path `which` found.
+
+    Raises:
+      NativeBuildError: `$CXX` names a program that is not found, or it is
+        unset and none of `COMPILERS` is found.
+    """
+    environ = os.environ if environ is None else environ
+    cxx = environ.get("CXX", "").strip()
+    if cxx:
+        try:
+            args = shlex.split(cxx)
+        except ValueError as err:
+            raise NativeBuildError(f"cannot parse $CXX {cxx!r}: {err}") from None
+        found = which(args[0])
+        if not found:
+            raise NativeBuildError(f"C++ compiler {cxx!r} ($CXX) not found")
+        return [found, *args[1:]]
+    for name in COMPILERS:
+        found = which(name)
+        if found:
+            return [found]
+    raise NativeBuildError(f"no C++ compiler found (tried {', '.join(COMPILERS)}): install "
+                           f"g++ (e.g. apt-get install g++) or set $CXX")
+
+
+def _compiler_key():
+    """The chosen compiler for the cache key: its command and the program's real path."""
+    try:
+        cmd = choose_compiler()
+    except NativeBuildError:
+        return ""  # no cached library matches; building then raises the error
+    return " ".join([os.path.realpath(cmd[0]), *cmd])
 
 
 def _cpu_key():
@@ -67,13 +117,14 @@ def _flags():
 
 
 def library_path():
-    """Where the compiled library for this source, TensorFlow and CPU is cached."""
+    """Where the compiled library for this source, compiler, TensorFlow and CPU is cached."""
     with open(_SOURCE, "rb") as f:
         source = f.read()
     base, arch, compile_flags, link_flags = _flags()
     key = hashlib.sha256()
     for part in (source, tf.__version__.encode(), _cpu_key().encode(), sys.platform.encode(),
-                 " ".join(base + arch + compile_flags + link_flags).encode()):
+                 " ".join(base + arch + compile_flags + link_flags).encode(),
+                 _compiler_key().encode()):
         key.update(part)
         key.update(b"\0")
     cache = os.environ.get("CAPSEM_CACHE_DIR") or os.path.join(
@@ -82,13 +133,7 @@ def library_path():
 
 
 def _compile(path):
-    cxx = os.environ.get("CXX")
-    if cxx and not shutil.which(cxx):
-        raise NativeBuildError(f"C++ compiler {cxx!r} ($CXX) not found")
-    cxx = cxx or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        raise NativeBuildError("no C++ compiler found: install g++ (e.g. apt-get install g++) "
-                               "or set $CXX")
+    cxx = choose_compiler()
     base, arch, compile_flags, link_flags = _flags()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
@@ -99,7 +144,7 @@ def _compile(path):
     try:
         # Without -mno-avx512fp16 if the compiler does not know the flag; then without -march.
         for extra in (arch, arch[:1], []):
-            cmd = [cxx, *base, *extra, _SOURCE, "-o", tmp, *compile_flags, *link_flags]
+            cmd = [*cxx, *base, *extra, _SOURCE, "-o", tmp, *compile_flags, *link_flags]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode == 0:
                 os.replace(tmp, path)  # atomic: concurrent builds do not see half a file

@@ -28,6 +28,10 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
     sized) network for 28x28x1 MNIST. The input is the preprocessed image,
     `(x - 128) / 128` for uint8 pixels (`capsem.datasets.preprocess_image`).
 
+    Under a Keras mixed-precision policy (e.g. "mixed_float16") only
+    relu_conv1 computes in half precision: the capsule layers compute in
+    float32 (see `capsem.layers`), and the outputs are float32.
+
     Args:
       num_classes: number of class capsules E.
       iterations: EM routing iterations of every capsule layer.

@@ -13,6 +13,7 @@ confusion matrix).
 """
 
 import dataclasses
+import errno
 import glob
 import json
 import math
@@ -31,12 +32,39 @@ from capsem import datasets, diagnostics, losses, nets, recipes
 from capsem import step as step_lib
 from capsem.errors import CheckpointError, ConfigError, DataError, TrainingError
 
-#: Config fields that define the model's variables (and its routing, which
-#: the same variables would silently change meaning under): a log_dir holding
-#: a checkpoint made with other values cannot be resumed.
-ARCHITECTURE_KEYS = ("dataset", "A", "B", "C", "D", "routing")
+#: Config fields that define the model's variables: a log_dir holding a
+#: checkpoint made with other values cannot be resumed, not even with
+#: `allow_config_change`.
+ARCHITECTURE_KEYS = ("dataset", "A", "B", "C", "D")
+
+#: Config fields that change what a resumed run computes: a difference from the
+#: log_dir's config.json stops the run unless `allow_config_change` is set
+#: (then each change is logged and recorded in config.json).
+COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_lambda",
+                    "variance_floor", "assignment_gradient", "transform_stddev", "batch_size",
+                    "seed", "clip_norm", "margin_schedule", "margin_ramp_epochs",
+                    "random_shift", "data_source")
+
+#: Optimizer hyper-parameters: a new value takes effect when a run resumes
+#: (assigned after the restore, logged and recorded in config.json).
+OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_steps")
+
+#: The fields `evaluate` takes from the log_dir's config.json unless they are
+#: given explicitly: what builds the network and its evaluation margin.
+MODEL_KEYS = ARCHITECTURE_KEYS + (
+    "recipe", "routing", "iterations", "stable_routing", "final_lambda", "variance_floor",
+    "assignment_gradient", "transform_stddev", "batch_size", "margin_schedule",
+    "margin_ramp_epochs")
 
 CONFIG_FILE = "config.json"
+
+#: The key of config.json that lists the settings changed on resume
+#: (`allow_config_change`, optimizer hyper-parameters), with the step where
+#: each change began.
+CHANGES_KEY = "changes"
+
+#: The lock file that makes one run the only writer of a log_dir (`LogDirLock`).
+LOCK_FILE = ".capsem.lock"
 
 
 @dataclasses.dataclass
@@ -97,6 +125,9 @@ class TrainConfig:
       keep_checkpoints: how many checkpoints to keep.
       eval_every_epoch: evaluate on the test set after every epoch.
       max_bad_steps: stop after this many consecutive non-finite steps.
+      allow_config_change: resume a log_dir whose config.json has other values
+        of `COMPUTATION_KEYS` (each change is logged and recorded); without it
+        such a resume stops with an error listing the differences.
     """
 
     dataset: str = "mnist"
@@ -140,6 +171,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every_epoch: bool = True
     max_bad_steps: int = 10
+    allow_config_change: bool = False
 
     def validate(self):
         """Raises ConfigError with a one-line message for an invalid value."""
@@ -220,9 +252,13 @@ def _ensure_writable_dir(path):
         raise ConfigError(f"log_dir {path} is not writable ({e.strerror or e})") from None
 
 
-def _check_saved_config(config):
-    """Compares the architecture in log_dir/config.json with this run's."""
-    path = os.path.join(config.log_dir, CONFIG_FILE)
+def read_saved_config(log_dir):
+    """The dict of log_dir/config.json, or None when there is none.
+
+    Raises:
+      ConfigError: the file exists but is not a readable capsem config.
+    """
+    path = os.path.join(log_dir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
     try:
@@ -230,14 +266,102 @@ def _check_saved_config(config):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is not a readable capsem config ({e})") from None
-    current = config.to_dict()
-    diffs = [f"{k}={saved.get(k)!r} (this run: {current[k]!r})"
-             for k in ARCHITECTURE_KEYS if k in saved and saved[k] != current[k]]
-    if diffs and tf.train.latest_checkpoint(config.log_dir):
-        raise ConfigError(
-            f"log_dir {config.log_dir} holds a checkpoint of a different architecture: "
-            f"{', '.join(diffs)}; use another --log_dir or the same flags")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a readable capsem config (not a JSON object)")
     return saved
+
+
+def _differences(saved, current, keys):
+    """[(key, saved value, this run's value)] of the keys whose values differ."""
+    return [(k, saved[k], current[k]) for k in keys if k in saved and saved[k] != current[k]]
+
+
+def _format_differences(diffs):
+    return ", ".join(f"{k}={old!r} (this run: {new!r})" for k, old, new in diffs)
+
+
+def compare_with_saved_config(config, saved, has_checkpoint):
+    """Checks this run's settings against the config.json of the run it resumes.
+
+    Nothing is compared when there is no checkpoint to resume. A different
+    architecture (`ARCHITECTURE_KEYS`) always stops the run; a different value
+    of `COMPUTATION_KEYS` stops it unless `config.allow_config_change`;
+    switching between a constant and a decaying learning rate stops it (the
+    optimizer's checkpoint has another structure).
+
+    Returns:
+      the changes to log and record, a list of (key, saved value, new value):
+      the optimizer hyper-parameters (`OPTIMIZER_KEYS`), and the allowed
+      changes of `COMPUTATION_KEYS`.
+
+    Raises:
+      ConfigError: a change that is not allowed, with every difference listed.
+    """
+    if not saved or not has_checkpoint:
+        return []
+    current = config.to_dict()
+    where = f"log_dir {config.log_dir}"
+    diffs = _differences(saved, current, ARCHITECTURE_KEYS)
+    if diffs:
+        raise ConfigError(f"{where} holds a checkpoint of a different architecture: "
+                          f"{_format_differences(diffs)}; use another --log_dir or the same flags")
+    diffs = _differences(saved, current, COMPUTATION_KEYS)
+    if diffs and not config.allow_config_change:
+        raise ConfigError(f"{where} holds a run with different settings: "
+                          f"{_format_differences(diffs)}; pass the saved values, or "
+                          f"--allow_config_change to resume with the new ones, or use another "
+                          f"--log_dir")
+    if "lr_decay_rate" in saved and (saved["lr_decay_rate"] == 1.0) != (config.lr_decay_rate
+                                                                         == 1.0):
+        raise ConfigError(
+            f"{where} was trained with lr_decay_rate={saved['lr_decay_rate']!r}, this run asks "
+            f"for {config.lr_decay_rate!r}: a constant and a decaying learning rate keep "
+            f"different optimizer state, so a run cannot switch between them; use another "
+            f"--log_dir")
+    return diffs + _differences(saved, current, OPTIMIZER_KEYS)
+
+
+def checkpoint_candidates(log_dir):
+    """The checkpoint prefixes in log_dir that a run would resume from, newest first.
+
+    The checkpoints that the `checkpoint` state file names come first, then
+    any other complete checkpoint (`ckpt-N.index` on disk), e.g. when the
+    state file is missing or unreadable.
+
+    Returns:
+      a list of (prefix, named by the state file).
+    """
+    listed = []
+    try:
+        state = tf.train.get_checkpoint_state(log_dir)
+    except Exception as e:  # an unreadable state file: the files on disk still tell
+        logging.warning("The checkpoint state file of %s is unreadable (%s)", log_dir,
+                        _first_line(e))
+        state = None
+    if state is not None:
+        names = list(state.all_model_checkpoint_paths)
+        if state.model_checkpoint_path and state.model_checkpoint_path not in names:
+            names.append(state.model_checkpoint_path)
+        listed = [os.path.join(log_dir, os.path.basename(n)) for n in names]
+    on_disk = [p[:-len(".index")] for p in glob.glob(os.path.join(log_dir, "ckpt-*.index"))]
+
+    def number(prefix):
+        try:
+            return int(prefix.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            return -1
+
+    listed = sorted(set(listed), key=number, reverse=True)
+    others = sorted(set(on_disk) - set(listed), key=number, reverse=True)
+    return [(p, True) for p in listed] + [(p, False) for p in others]
+
+
+def _first_line(error, limit=300):
+    for line in str(error).splitlines():
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= limit else line[:limit] + "..."
+    return type(error).__name__
 
 
 def _write_json_atomically(path, obj):
@@ -257,7 +381,10 @@ def prepare_data(config):
     """
     info = datasets.get_info(config.dataset)
     if config.data_source != "tfrecord":
-        return info.num_train, info.num_test
+        # The sizes of the prepared splits, not DatasetInfo's constants (a smaller split
+        # would otherwise end every epoch early).
+        sizes = datasets.tfds_split_sizes(config.dataset, config.dataset_dir)
+        return sizes["train"], sizes["test"]
     if config.source_dir:
         # Idempotent: a no-op (checked against the sidecar files) when valid output exists.
         datasets.convert_mnist(config.source_dir, config.dataset_dir)
@@ -378,21 +505,91 @@ class _StopSignal:
         return False
 
 
-def _remove_orphan_checkpoint_files(log_dir, manager):
-    """Deletes files of checkpoint saves that never completed (e.g. killed mid-save)."""
+class LogDirLock:
+    """Makes one run the only writer of a log_dir, for as long as the run lasts.
+
+    An exclusive `fcntl.flock` on `log_dir/.capsem.lock`, which holds the
+    holder's PID. The kernel releases the lock when the process ends in any
+    way (kill -9 included), so no stale lock is ever left; the file itself
+    stays (it means nothing when nobody holds it). A run that stops with an
+    error puts the file back as it was (or removes it if the run made it).
+
+    Raises (on entering):
+      ConfigError: another process holds the lock (its PID is in the message).
+    """
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self.path = os.path.join(log_dir, LOCK_FILE)
+        self._fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            logging.warning("No file locking on this system: nothing stops a second run from "
+                            "writing to %s at the same time", self.log_dir)
+            return self
+        existed = os.path.exists(self.path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(
+                    f"log_dir {self.log_dir} is in use by another run (PID {holder}): wait for "
+                    f"it to end, stop it, or use another --log_dir") from None
+            raise ConfigError(f"log_dir {self.log_dir}: cannot lock {self.path} "
+                              f"({e.strerror or e})") from None
+        self._previous = os.read(fd, 1 << 16) if existed else None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self._fd is None:
+            return False
+        if exc_type is not None:
+            # A run that stops with an error leaves the log_dir as it found it, lock file included.
+            try:
+                if self._previous is None:
+                    os.remove(self.path)
+                else:
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, self._previous, 0)
+            except OSError:
+                pass
+        os.close(self._fd)  # releases the lock
+        self._fd = None
+        return False
+
+
+def _remove_orphan_checkpoint_files(log_dir, manager, only_temporary=False):
+    """Deletes files of checkpoint saves that never completed (e.g. killed mid-save).
+
+    Called only after the restore succeeded (or found no checkpoint at all), by
+    the run that holds the log_dir's lock. With `only_temporary`, `ckpt-*`
+    files that the state file does not name are kept (used when the run did
+    not resume from a checkpoint the state file names).
+    """
     keep = set()
     for prefix in manager.checkpoints:
         keep.update(glob.glob(prefix + ".*"))
     for path in glob.glob(os.path.join(log_dir, "ckpt-*")):
-        if path not in keep:
-            try:
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                else:
-                    os.remove(path)
-                logging.info("Removed %s (left by an interrupted checkpoint save)", path)
-            except OSError:
-                pass
+        temporary = "_temp" in os.path.basename(path)
+        if path in keep or (only_temporary and not temporary):
+            continue
+        try:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            logging.info("Removed %s (left by an interrupted checkpoint save)", path)
+        except OSError:
+            pass
     for path in glob.glob(os.path.join(log_dir, "checkpoint.tmp*")) + glob.glob(
             os.path.join(log_dir, "*.tmp-*")):
         try:
@@ -401,21 +598,37 @@ def _remove_orphan_checkpoint_files(log_dir, manager):
             pass
 
 
-def _restore_latest(checkpoint, manager, log_dir):
-    """Restores the newest readable checkpoint; returns its path or None."""
-    for prefix in reversed(manager.checkpoints):
+def _restore_checkpoint(checkpoint, candidates, log_dir):
+    """Restores the newest checkpoint of `candidates` that restores; returns its prefix.
+
+    Any error restoring one checkpoint falls back to the next older one
+    (logged). Returns None only when there is no candidate at all.
+
+    Raises:
+      ConfigError: a checkpoint of another architecture.
+      CheckpointError: there are checkpoints and none restores (the message
+        names each and why); nothing in log_dir was changed.
+    """
+    failures = []
+    for prefix, _ in candidates:
         try:
             status = checkpoint.restore(prefix)
             status.assert_existing_objects_matched()
             return prefix
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "shape" in message.lower() or "Shapes" in message:
+        except Exception as e:  # any failure (I/O, corrupt or truncated files): try an older one
+            message = _first_line(e)
+            if isinstance(e, ValueError) and ("shape" in message.lower()):
                 raise ConfigError(
                     f"log_dir {log_dir} holds a checkpoint of a different architecture "
                     f"({message}); use another --log_dir or the same flags") from None
-            logging.warning("Checkpoint %s is unreadable (%s); trying an older one", prefix,
-                            message)
+            logging.warning("Checkpoint %s cannot be restored (%s: %s); trying an older one",
+                            prefix, type(e).__name__, message)
+            failures.append(f"{os.path.basename(prefix)} ({type(e).__name__}: {message})")
+    if failures:
+        raise CheckpointError(
+            f"log_dir {log_dir} holds checkpoints but none can be restored: "
+            f"{'; '.join(failures)}; nothing was changed: fix or move them away (a run starts "
+            f"from scratch only in a log_dir without checkpoints) or use another --log_dir")
     return None
 
 
@@ -451,13 +664,47 @@ def format_confusion(confusion):
     return "\n".join(lines)
 
 
-def evaluate(config, checkpoint_path=None):
+def config_for_evaluation(config, explicit=()):
+    """`config` with the model settings of the log_dir's config.json.
+
+    The network is built as it was trained: every field of `MODEL_KEYS` comes
+    from config.json, except those named in `explicit` (the flags the user
+    gave), which are kept and, where they differ from the saved values,
+    logged.
+
+    Returns:
+      a new TrainConfig (the same values when there is no config.json).
+    """
+    saved = read_saved_config(config.log_dir)
+    if not saved:
+        return config
+    current = config.to_dict()
+    values = {}
+    for key in MODEL_KEYS:
+        if key not in saved or saved[key] == current[key]:
+            continue
+        if key in explicit:
+            logging.info("Evaluating with %s=%r (the run was trained with %r)", key,
+                         current[key], saved[key])
+        else:
+            values[key] = saved[key]
+    if values:
+        logging.info("Settings from %s: %s", os.path.join(config.log_dir, CONFIG_FILE),
+                     ", ".join(f"{k}={v!r}" for k, v in sorted(values.items())))
+    return dataclasses.replace(config, **values)
+
+
+def evaluate(config, checkpoint_path=None, explicit=()):
     """Evaluates a checkpoint of `config.log_dir` (or `checkpoint_path`) on the test set.
+
+    The network is built from the log_dir's config.json (`config_for_evaluation`):
+    the fields of `MODEL_KEYS` that are not named in `explicit` come from it.
 
     Returns:
       a dict with accuracy, loss (summed spread loss at the checkpoint's
       margin), mean_loss, examples, confusion, step and checkpoint.
     """
+    config = config_for_evaluation(config, explicit)
     config.validate()
     info = datasets.get_info(config.dataset)
     num_train, _ = prepare_data(config)
@@ -468,12 +715,11 @@ def evaluate(config, checkpoint_path=None):
     if path is None:
         raise CheckpointError(f"no checkpoint in {config.log_dir}: train first or pass "
                               f"--checkpoint")
-    _check_saved_config(config)
     try:
         checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError) as e:
+    except Exception as e:  # any failure to read or match the checkpoint
         raise CheckpointError(f"{path}: cannot restore into this model "
-                              f"({str(e).splitlines()[0]})") from None
+                              f"({type(e).__name__}: {_first_line(e)})") from None
     steps_per_epoch = math.ceil(num_train / config.batch_size)
     margin = margin_function(config, num_train)(int(global_step.numpy()))
     test_ds = datasets.make_dataset(config.dataset, "test", dataset_dir=config.dataset_dir,
@@ -553,13 +799,34 @@ class _Trainer:
         self.manager = tf.train.CheckpointManager(self.checkpoint, config.log_dir,
                                                   max_to_keep=config.keep_checkpoints,
                                                   checkpoint_name="ckpt")
-        _remove_orphan_checkpoint_files(config.log_dir, self.manager)
-        restored = _restore_latest(self.checkpoint, self.manager, config.log_dir)
+        candidates = checkpoint_candidates(config.log_dir)
+        restored = _restore_checkpoint(self.checkpoint, candidates, config.log_dir)
+        self.resumed_from = restored
+        listed = dict(candidates).get(restored, True)
+        _remove_orphan_checkpoint_files(config.log_dir, self.manager, only_temporary=not listed)
         if restored:
             logging.info("Resumed from %s at step %d", restored, int(self.global_step.numpy()))
+            self._apply_optimizer_settings()
         else:
             logging.info("No checkpoint in %s: starting from scratch", config.log_dir)
         self.writer = tf.summary.create_file_writer(config.log_dir)
+
+    def _apply_optimizer_settings(self):
+        """Gives the optimizer this run's hyper-parameters after a restore.
+
+        The restore brings back the learning rate variable of the run that
+        saved the checkpoint; a new `--learning_rate` replaces it here (a
+        decaying rate is a schedule object of this run, Adam's epsilon a
+        Python number: both are this run's already).
+        """
+        if self.config.lr_decay_rate != 1.0:
+            return
+        restored = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        self.optimizer.learning_rate = self.config.learning_rate
+        now = float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        if restored != now:
+            logging.info("Learning rate %g (restored from the checkpoint) replaced by this run's "
+                         "%g", restored, now)
 
     def save(self, reason):
         step = int(self.global_step.numpy())
@@ -619,6 +886,7 @@ class _Trainer:
 
         while not (self.total_steps and step >= self.total_steps) and not stop.received:
             epoch, offset = divmod(step, self.steps_per_epoch)
+            pass_start = step
             for images, labels in self.train_dataset(epoch, offset):
                 out = self.step_fn(images, labels)
                 loss = float(out["loss"])
@@ -638,7 +906,7 @@ class _Trainer:
                 if (step % config.log_every_steps == 0 or step == start_step + 1
                         or step == self.total_steps or stop.received):
                     logging.info(progress.line(
-                        step, window["loss"] / max(window["steps"], 1),
+                        step, window["loss"] / max(window["examples"], 1),
                         window["correct"] / max(window["examples"], 1),
                         float(out["margin"]), int(self.skipped.numpy())))
                 if first_summary or now - last_summary >= config.summary_secs:
@@ -654,8 +922,12 @@ class _Trainer:
                     last_ckpt = time.time()
                 if stop.received or (self.total_steps and step >= self.total_steps):
                     break
-            if step == start_step:  # an empty dataset would loop forever
-                raise DataError(f"the training data of {config.dataset} yielded no batch")
+            if step == pass_start:  # a pass without a batch would repeat forever
+                raise DataError(
+                    f"the training data of {config.dataset} yielded no batch for epoch "
+                    f"{epoch + 1} after skipping {offset} batches of {config.batch_size} "
+                    f"({self.num_train} training examples expected, {self.steps_per_epoch} "
+                    f"steps per epoch)")
             if stop.received:
                 break
             if step % self.steps_per_epoch == 0:
@@ -705,12 +977,13 @@ class _Trainer:
         elapsed = max(time.time() - window["t"], 1e-9)
         with self.writer.as_default(step=step):
             if window["steps"]:
-                tf.summary.scalar("train/loss", window["loss"] / window["steps"])
+                # Per example, like test/loss (a step's loss is summed over its batch).
+                tf.summary.scalar("train/loss", window["loss"] / max(window["examples"], 1))
                 tf.summary.scalar("train/accuracy",
                                   window["correct"] / max(window["examples"], 1))
                 tf.summary.scalar("train/steps_per_sec", window["steps"] / elapsed)
-            tf.summary.scalar("train/margin",
-                              self.margin_fn(step))
+            # The margin the last step trained with (the schedule at its step).
+            tf.summary.scalar("train/margin", float(out["margin"]))
             tf.summary.scalar("train/learning_rate",
                               float(keras.ops.convert_to_numpy(self.optimizer.learning_rate)))
             tf.summary.scalar("train/skipped_steps", self.skipped)
@@ -721,6 +994,11 @@ class _Trainer:
 
 def train(config):
     """Trains the article's network; resumes from the latest checkpoint of `config.log_dir`.
+
+    The run holds `LogDirLock` on the log_dir for as long as it lasts. On
+    resume, the settings are compared with the log_dir's config.json
+    (`compare_with_saved_config`); allowed changes are logged and recorded
+    under "changes" in config.json with the step where they began.
 
     Returns:
       a dict with the final `step`, `stopped_by` (None, 'SIGINT' or 'SIGTERM'),
@@ -733,15 +1011,29 @@ def train(config):
     """
     config.validate()
     with _StopSignal() as stop:
-        _check_saved_config(config)
+        # Read-only checks first: bad input stops the run before anything is written.
+        saved = read_saved_config(config.log_dir)
+        compare_with_saved_config(config, saved, bool(checkpoint_candidates(config.log_dir)))
         num_train, _ = prepare_data(config)
         _ensure_writable_dir(config.log_dir)
-        trainer = _Trainer(config, num_train)
-        trainer.setup()
-        _write_json_atomically(os.path.join(config.log_dir, CONFIG_FILE), config.to_dict())
-        logging.info("Training %s on %s: %d steps per epoch, iterations_per_epoch %d (margin "
-                     "schedule), %s", config.dataset, config.data_source,
-                     trainer.steps_per_epoch, trainer.iterations_per_epoch,
-                     f"until step {trainer.total_steps}" if trainer.total_steps
-                     else "no step limit")
-        return trainer.run(stop)
+        with LogDirLock(config.log_dir):
+            saved = read_saved_config(config.log_dir)  # again, now that no one else writes
+            changes = compare_with_saved_config(config, saved,
+                                                bool(checkpoint_candidates(config.log_dir)))
+            trainer = _Trainer(config, num_train)
+            trainer.setup()
+            record = config.to_dict()
+            record[CHANGES_KEY] = list(saved.get(CHANGES_KEY, [])) if (
+                saved and trainer.resumed_from) else []
+            step = int(trainer.global_step.numpy())
+            for key, old, new in changes:
+                logging.info("Resuming with %s=%r (was %r) from step %d", key, new, old, step)
+                record[CHANGES_KEY].append({"step": step, "setting": key, "saved": old,
+                                            "new": new})
+            _write_json_atomically(os.path.join(config.log_dir, CONFIG_FILE), record)
+            logging.info("Training %s on %s: %d steps per epoch, iterations_per_epoch %d "
+                         "(margin schedule), %s", config.dataset, config.data_source,
+                         trainer.steps_per_epoch, trainer.iterations_per_epoch,
+                         f"until step {trainer.total_steps}" if trainer.total_steps
+                         else "no step limit")
+            return trainer.run(stop)

@@ -1,6 +1,7 @@
 """The native EM routing kernels (capsem/native/em_routing.cc) and their fallback."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -201,3 +202,154 @@ def test_saved_model_export_with_and_without_native_ops(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "capsem imported: False" in out.stdout
     assert_close(np.load(tmp_path / "out.npy"), ref, 1e-4)
+
+
+def test_compiler_choice():
+    """$CXX (with its arguments) if set, else g++, else c++, else clang++."""
+    def which_of(*found):
+        return lambda name: f"/bin/{name}" if name in found else None
+
+    choose = native.choose_compiler
+    assert choose({}, which_of("c++", "g++", "clang++")) == ["/bin/g++"]
+    assert choose({}, which_of("c++", "clang++")) == ["/bin/c++"]
+    assert choose({}, which_of("clang++")) == ["/bin/clang++"]
+    assert choose({"CXX": ""}, which_of("c++")) == ["/bin/c++"]
+    assert choose({"CXX": "clang++"}, which_of("g++", "clang++")) == ["/bin/clang++"]
+    assert choose({"CXX": "ccache g++ -O2"}, which_of("ccache")) == ["/bin/ccache", "g++", "-O2"]
+    with pytest.raises(native.NativeBuildError, match=r"C\+\+ compiler 'clang\+\+' \(\$CXX\) "
+                                                      r"not found"):
+        choose({"CXX": "clang++"}, which_of("g++"))
+    with pytest.raises(native.NativeBuildError, match=r"no C\+\+ compiler found \(tried g\+\+, "
+                                                      r"c\+\+, clang\+\+\)"):
+        choose({}, which_of())
+    with pytest.raises(native.NativeBuildError, match="cannot parse"):
+        choose({"CXX": "'g++"}, which_of("g++"))
+
+
+def test_library_is_cached_per_compiler(monkeypatch):
+    gxx = native.library_path()
+    monkeypatch.setenv("CXX", sys.executable)  # any other program: only the cache key is read
+    assert native.library_path() != gxx
+
+
+# Routes _problem(...) with the native kernels and saves the outputs and gradients.
+_CLANG_BUILD = """
+import sys
+import numpy as np
+sys.path.insert(0, "tests")
+from capsem import native
+import test_native
+print("library", native.library_path(), native.available())
+x = test_native._problem(np.random.RandomState(5), 6, 37, 5, "offsets")
+np.savez(sys.argv[1], *test_native.routed(test_native._route_and_grads, "native")(x, 3, False))
+"""
+
+
+@pytest.mark.skipif(not shutil.which("clang++"), reason="clang++ is not installed")
+def test_kernels_build_with_clang(tmp_path):
+    """The kernels build with Clang (CXX=clang++) and give g++'s numbers to float32 rounding."""
+    native_or_skip()
+    out = subprocess.run([sys.executable, "-c", _CLANG_BUILD, str(tmp_path / "clang.npz")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CXX="clang++",
+                                  CAPSEM_CACHE_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"library {tmp_path}" in out.stdout and out.stdout.split()[2] == "True", out.stdout
+    x = _problem(np.random.RandomState(5), 6, 37, 5, "offsets")
+    gxx = routed(_route_and_grads, "native")(x, 3, False)
+    clang = np.load(tmp_path / "clang.npz")
+    assert len(clang.files) == len(gxx) == 8
+    for k, want in enumerate(gxx):
+        assert_close(clang[f"arr_{k}"], want, 1e-5, what=f"output {k}")
+
+
+# Runs both native ops, forward and gradient, with `threads` intra-op threads
+# on fixed problems, 5 times (which must agree); saves every output and prints
+# the CPU time (in clock ticks) of the busiest threads other than the main one.
+_THREADS_SCRIPT = """
+import glob, os, sys
+import numpy as np, tensorflow as tf
+threads, out_path = int(sys.argv[1]), sys.argv[2]
+tf.config.threading.set_intra_op_parallelism_threads(threads)
+from capsem import native, ops
+lib = native.load()
+
+def cpu_ticks():
+    ticks = {}
+    for stat in glob.glob("/proc/self/task/*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks[stat] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+rng = np.random.RandomState(0)
+M, I, O, T = 64, 72, 8, 3
+lams = ops.inverse_temperatures(T)
+sources = {
+    "votes": (rng.normal(size=(M, I, O, 16)), np.zeros(0), np.zeros(0)),
+    "poses": (0.5 * rng.normal(size=(M, I, 16)), 0.5 * rng.normal(size=(I, O, 16)),
+              rng.uniform(0, 0.2, (I, 16))),
+}
+a = rng.uniform(0.05, 1.0, (M, I))
+beta_v, beta_a = rng.normal(size=O), rng.normal(size=O)
+g_mean, g_act = rng.normal(size=(M, O, 16)), rng.normal(size=(M, O))
+f32 = lambda x: tf.constant(np.asarray(x, np.float32))
+results = {}
+before = cpu_ticks()
+for rep in range(5):
+    for name, (src, w, offsets) in sources.items():
+        for stable in (False, True):
+            inputs = [f32(x) for x in (src, w, offsets, a, beta_v, beta_a)]
+            fwd = lib.capsem_em_routing(*inputs, inverse_temperatures=lams, stable=stable)
+            grads = lib.capsem_em_routing_grad(*inputs, fwd[2], fwd[3], f32(g_mean), f32(g_act),
+                                               inverse_temperatures=lams, stable=stable)
+            for k, t in enumerate(list(fwd) + list(grads)):
+                key = f"{name}_{stable}_{k}"
+                value = t.numpy()
+                if rep and not np.array_equal(value, results[key]):
+                    raise SystemExit(f"{key} changed between repetitions")
+                results[key] = value
+after = cpu_ticks()
+main = f"/proc/self/task/{os.getpid()}/stat"
+workers = sorted((v - before.get(k, 0) for k, v in after.items() if k != main), reverse=True)
+np.savez(out_path, **results)
+print("intra-op threads", tf.config.threading.get_intra_op_parallelism_threads())
+print("worker ticks", *workers[:4])
+"""
+
+
+def test_native_results_do_not_depend_on_the_number_of_threads(tmp_path):
+    """README: the native kernels give the same bits with any number of intra-op threads.
+
+    The forward op splits its M = 64 problems into min(M, 8 * threads) chunks
+    (8 with one thread, 16 with two) and the gradient op into 16 fixed chunks,
+    whose sums over the problems are added in chunk order. With one thread
+    TensorFlow runs all chunks on the calling thread; with two, on its two
+    intra-op threads, which is checked by their CPU time (measured: 0 ticks
+    and 30 ticks each).
+    """
+    native_or_skip()
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs /proc to see which threads ran the kernels")
+    procs = {}
+    for threads in (1, 2):
+        procs[threads] = subprocess.Popen(
+            [sys.executable, "-c", _THREADS_SCRIPT, str(threads), str(tmp_path / f"{threads}.npz")],
+            cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+    outs = {}
+    for threads, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert f"intra-op threads {threads}" in stdout
+        outs[threads] = stdout
+    ticks = [int(t) for t in outs[2].split("worker ticks")[1].split()]
+    assert len(ticks) >= 2 and ticks[1] >= 5, f"the work did not run on two threads: {outs[2]}"
+    one, two = np.load(tmp_path / "1.npz"), np.load(tmp_path / "2.npz")
+    assert sorted(one.files) == sorted(two.files) and len(one.files) == 36
+    different = {k: float(np.max(np.abs(one[k].astype(np.float64) - two[k])))
+                 for k in one.files if not np.array_equal(one[k], two[k])}
+    assert not different, f"outputs differ between 1 and 2 threads (max |diff|): {different}"

@@ -77,9 +77,11 @@ def test_train_py_end_to_end_summaries_checkpoints_and_resume(tmp_path):
     assert [s for s, _ in events["test/accuracy"]] == [3, 6]
     assert all(0.0 <= v <= 1.0 for _, v in events["test/accuracy"])
     np.testing.assert_allclose([v for _, v in events["train/learning_rate"]], 1e-3, rtol=1e-6)
-    # The margin schedule uses the real iterations per epoch: 12 // 4 = 3.
+    # The margin schedule uses the real iterations per epoch: 12 // 4 = 3. train/margin at
+    # global step s is the margin the step that reached s trained with, the schedule at s - 1
+    # (the article's piecewise schedule keeps 0.2 at the boundary step 3).
     margins = dict((s, float(v)) for s, v in events["train/margin"])
-    assert margins[3] == pytest.approx(0.2) and margins[4] == pytest.approx(0.3)
+    assert margins[4] == pytest.approx(0.2) and margins[5] == pytest.approx(0.3)
     for layer in ("primary_caps", "conv_caps1", "conv_caps2", "class_capsules"):
         assert f"activations/{layer}" in events
     for layer in ("conv_caps1", "conv_caps2", "class_capsules"):

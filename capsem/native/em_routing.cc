@@ -57,11 +57,37 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 inline Vec Splat(float x) { return Vec{} + x; }
+
+// Lane permutations: Shuffle(x, idx)[j] = x[idx[j]] and, of two sources,
+// Shuffle(a, b, idx)[j] = (a ++ b)[idx[j]]. GCC's __builtin_shuffle takes the
+// indices as a vector value; Clang has no such builtin (its
+// __builtin_shufflevector needs constant indices), so there they are spelled
+// lane by lane, which Clang compiles to vector permutes for the constant index
+// tables below. Either way the lanes are only moved: the numbers are the same.
+#if defined(__clang__)
+inline Vec Shuffle(Vec x, IVec idx) {
+  Vec r;
+  for (int j = 0; j < 16; ++j) r[j] = x[idx[j] & 15];
+  return r;
+}
+inline Vec Shuffle(Vec a, Vec b, IVec idx) {
+  Vec r;
+  for (int j = 0; j < 16; ++j) {
+    const int k = idx[j] & 31;
+    r[j] = k < 16 ? a[k] : b[k - 16];
+  }
+  return r;
+}
+#else
+inline Vec Shuffle(Vec x, IVec idx) { return __builtin_shuffle(x, idx); }
+inline Vec Shuffle(Vec a, Vec b, IVec idx) { return __builtin_shuffle(a, b, idx); }
+#endif
+
 inline float HSum(Vec x) {
-  x += __builtin_shuffle(x, IVec{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  x += __builtin_shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  x += __builtin_shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  x += __builtin_shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  x += Shuffle(x, IVec{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += Shuffle(x, IVec{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += Shuffle(x, IVec{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  x += Shuffle(x, IVec{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
   return x[0];
 }
 
@@ -85,7 +111,7 @@ const IVec kPT[4] = {
     {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
     {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15}};
 
-inline Vec Perm(Vec x, const IVec& idx) { return __builtin_shuffle(x, idx); }
+inline Vec Perm(Vec x, const IVec& idx) { return Shuffle(x, idx); }
 
 // Sums of 16 vectors: out[j] = sum_h x[j][h], by a tree of two-source
 // shuffles (cheaper than 16 horizontal sums). After the level with c partial
@@ -110,15 +136,15 @@ const SumMasks kSum;
 inline Vec Sums16(const Vec* x) {
   Vec a[8], b[4], c[2];
   for (int j = 0; j < 8; ++j)
-    a[j] = __builtin_shuffle(x[2 * j], x[2 * j + 1], kSum.left[0]) +
-           __builtin_shuffle(x[2 * j], x[2 * j + 1], kSum.right[0]);
+    a[j] = Shuffle(x[2 * j], x[2 * j + 1], kSum.left[0]) +
+           Shuffle(x[2 * j], x[2 * j + 1], kSum.right[0]);
   for (int j = 0; j < 4; ++j)
-    b[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], kSum.left[1]) +
-           __builtin_shuffle(a[2 * j], a[2 * j + 1], kSum.right[1]);
+    b[j] = Shuffle(a[2 * j], a[2 * j + 1], kSum.left[1]) +
+           Shuffle(a[2 * j], a[2 * j + 1], kSum.right[1]);
   for (int j = 0; j < 2; ++j)
-    c[j] = __builtin_shuffle(b[2 * j], b[2 * j + 1], kSum.left[2]) +
-           __builtin_shuffle(b[2 * j], b[2 * j + 1], kSum.right[2]);
-  return __builtin_shuffle(c[0], c[1], kSum.left[3]) + __builtin_shuffle(c[0], c[1], kSum.right[3]);
+    c[j] = Shuffle(b[2 * j], b[2 * j + 1], kSum.left[2]) +
+           Shuffle(b[2 * j], b[2 * j + 1], kSum.right[2]);
+  return Shuffle(c[0], c[1], kSum.left[3]) + Shuffle(c[0], c[1], kSum.right[3]);
 }
 
 // exp of 16 floats (Cephes' expf: range reduction by ln 2 and a degree-6
