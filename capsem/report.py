@@ -134,7 +134,8 @@ def plot(summaries, path, smooth=20):
             ax_loss.plot(steps, values, label=label)
     ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy")
     ax_acc.grid(True, alpha=0.3)
-    ax_loss.set(xlabel="step", ylabel="spread loss (batch sum)", yscale="log",
+    ax_loss.set(xlabel="step", ylabel="train/loss (per example; older runs: batch sum)",
+                yscale="log",
                 title=f"Training loss (moving average of up to {smooth} summaries)")
     ax_loss.grid(True, alpha=0.3)
     for ax in (ax_acc, ax_loss):

@@ -92,7 +92,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(trained, tmp_pa
             return original(self, path, *args, **kwargs)
 
         monkeypatch.setattr(tf.train.Checkpoint, "restore", restore)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         result = training.train(tiny_config(tmp_path, dataset_dir, max_steps=7,
                                             eval_every_epoch=False))
     assert "ckpt-6 cannot be restored" in caplog.text and "trying an older one" in caplog.text
@@ -132,7 +132,7 @@ def test_checkpoints_are_found_without_the_state_file(trained, tmp_path, caplog)
     os.remove(os.path.join(log_dir, "checkpoint"))
     assert [os.path.basename(p) for p, _ in training.checkpoint_candidates(log_dir)] == \
         ["ckpt-6", "ckpt-3"]
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         result = training.train(tiny_config(tmp_path, dataset_dir, max_steps=7,
                                             eval_every_epoch=False))
     assert "ckpt-6 at step 6" in caplog.text and result["step"] == 7
@@ -207,7 +207,7 @@ def test_eval_builds_the_network_from_config_json(trained, tmp_path, caplog):
     # The defaults of train.py (A=B=C=D=32, 3 iterations) are not what was trained.
     config = training.TrainConfig(dataset_dir=dataset_dir, log_dir=log_dir, jit_compile=False,
                                   eval_batch_size=5)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         result = training.evaluate(config)
     assert result["step"] == 6 and result["examples"] == 10
     assert "A=4" in caplog.text and "iterations=2" in caplog.text
@@ -215,7 +215,7 @@ def test_eval_builds_the_network_from_config_json(trained, tmp_path, caplog):
     caplog.clear()
     config = training.TrainConfig(dataset_dir=dataset_dir, log_dir=log_dir, jit_compile=False,
                                   eval_batch_size=5, iterations=3)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         training.evaluate(config, explicit={"iterations"})
     assert "Evaluating with iterations=3 (the run was trained with 2)" in caplog.text
     # train.py --mode=eval without the architecture flags.
