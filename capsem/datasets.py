@@ -546,6 +546,17 @@ def _example(png, label, height, width):
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
+def serialize_example(example):
+    """The bytes of a tf.train.Example, the same in every process.
+
+    A `Features` message is a protobuf map, whose entries protobuf writes in
+    an order that can differ between processes (so two conversions of the
+    same IDX files differed in bytes and in their sidecar's sha256);
+    deterministic serialisation writes them sorted by key.
+    """
+    return example.SerializeToString(deterministic=True)
+
+
 def _write_split(images, labels, tfrecord_path, split, sources_record, log):
     """Writes one split's TFRecord atomically, then its sidecar."""
     directory = os.path.dirname(tfrecord_path) or "."
@@ -559,7 +570,7 @@ def _write_split(images, labels, tfrecord_path, split, sources_record, log):
         written = 0
         with tf.io.TFRecordWriter(tmp) as writer:
             for png, label in zip(_encode_pngs(images), labels):
-                writer.write(_example(png, label, height, width).SerializeToString())
+                writer.write(serialize_example(_example(png, label, height, width)))
                 written += 1
                 if written % _PROGRESS_EVERY == 0 and written < n:
                     log(f"{split}: converted {written}/{n} images")

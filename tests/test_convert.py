@@ -311,3 +311,21 @@ def test_bundled_mnist_parses():
         assert images.shape == ({"train": 60000, "test": 10000}[split], 28, 28, 1)
         assert images.dtype == np.uint8 and images.max() == 255 and images.min() == 0
         assert labels.dtype == np.int64
+
+
+def test_examples_serialise_to_the_same_bytes_whatever_the_map_order():
+    """Features is a protobuf map; the converter writes its entries sorted by key, so the
+    same IDX files give byte-identical TFRecords in every process."""
+    import tensorflow as tf
+
+    example = datasets._example(b"\x89PNG", 7, 28, 28)
+    items = list(example.features.feature.items())
+    reversed_example = tf.train.Example()
+    for key, value in reversed(items):
+        reversed_example.features.feature[key].CopyFrom(value)
+    assert reversed_example == example
+    assert datasets.serialize_example(reversed_example) == datasets.serialize_example(example)
+    # Sorted by key: image/class/label, image/encoded, image/format, image/height, image/width.
+    data = datasets.serialize_example(example)
+    positions = [data.index(key.encode()) for key in sorted(k for k, _ in items)]
+    assert positions == sorted(positions)
