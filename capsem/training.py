@@ -357,11 +357,9 @@ def checkpoint_candidates(log_dir):
 
 
 def _first_line(error, limit=300):
-    for line in str(error).splitlines():
-        if line.strip():
-            line = line.strip()
-            return line if len(line) <= limit else line[:limit] + "..."
-    return type(error).__name__
+    """The first line of an error's text (`datasets._first_line`), cut at `limit` characters."""
+    line = datasets._first_line(error) or type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _write_json_atomically(path, obj):
