@@ -37,8 +37,8 @@ flags.DEFINE_enum(
     "'paper' uses the paper's EM routing and schedule (README, Choosing a recipe). It sets "
     "--routing, --iterations, --final_lambda, --variance_floor, --assignment_gradient, "
     "--transform_stddev, --margin_schedule, "
-    "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps and "
-    "--random_shift wherever these are not given; config.json records the values used.")
+    "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
+    "--random_shift and --conv1_batch_norm wherever these are not given; config.json records the values used.")
 flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
     "EM routing: 'article' (the article's code: independent routing per position, cost "
@@ -57,6 +57,10 @@ flags.DEFINE_bool("assignment_gradient", None,
 flags.DEFINE_float("transform_stddev", None,
                    "Stddev of the truncated normal initializer of the transformation "
                    "matrices. Default: the recipe's (1.0, as the article).")
+flags.DEFINE_bool("conv1_batch_norm", None,
+                  "Batch normalisation between ReLU Conv1's convolution and its ReLU "
+                  "(yl-1993's PyTorch code); changes the network's variables. Default: the "
+                  "recipe's (off in both).")
 flags.DEFINE_enum("margin_schedule", None, ["article", "linear"],
                   "Spread-loss margin: 'article' (0.2, +0.1 per epoch, 0.9 after 7 epochs) or "
                   "'linear' (0.2 to 0.9 linearly over --margin_ramp_epochs, the paper). "
@@ -126,8 +130,14 @@ flags.DEFINE_integer("max_bad_steps", 10,
 flags.FLAGS["log_dir"].help = (
     "Directory of checkpoints, TensorBoard summaries and the saved flags (config.json) "
     "(default: logs/<dataset>). Re-running with the same --log_dir resumes.")
-flags.DEFINE_integer("log_every_steps", 10, "Log a progress line every this many steps.",
+flags.DEFINE_integer("log_every_steps", 10,
+                     "Log a progress line at most every this many steps (at multiples of it), "
+                     "and at least --log_every_secs apart: every 10 steps or 10 s, whichever is "
+                     "later, by default. The first and the last step always get one.",
                      lower_bound=1)
+flags.DEFINE_float("log_every_secs", 10.0,
+                   "Minimum seconds between two progress lines (see --log_every_steps); 0: a "
+                   "line every --log_every_steps steps, however fast.", lower_bound=0.0)
 flags.DEFINE_float("summary_secs", 60.0, "Write TensorBoard scalars every this many seconds.",
                    lower_bound=0.0)
 flags.DEFINE_float("histogram_secs", 600.0,
@@ -181,7 +191,7 @@ def config_from_flags(values):
         assignment_gradient=values.assignment_gradient, margin_schedule=values.margin_schedule,
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
-        random_shift=values.random_shift,
+        random_shift=values.random_shift, conv1_batch_norm=values.conv1_batch_norm,
         dataset=values.dataset, data_source=data_source, dataset_dir=dataset_dir,
         source_dir=values.source_dir if data_source == "tfrecord" else None,
         log_dir=values.log_dir or os.path.join("logs", values.dataset),
@@ -192,7 +202,7 @@ def config_from_flags(values):
         seed=values.seed, deterministic=values.deterministic,
         stable_routing=values.stable_routing, micro_batch_size=values.micro_batch_size,
         jit_compile=values.jit_compile, routing_kernels=values.routing_kernels,
-        log_every_steps=values.log_every_steps,
+        log_every_steps=values.log_every_steps, log_every_secs=values.log_every_secs,
         summary_secs=values.summary_secs, histogram_secs=values.histogram_secs,
         checkpoint_secs=values.checkpoint_secs, keep_checkpoints=values.keep_checkpoints,
         eval_every_epoch=values.eval_every_epoch, max_bad_steps=values.max_bad_steps,

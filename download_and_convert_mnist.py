@@ -5,11 +5,18 @@ image: PNG-encoded 28x28x1 image, label, height, width, format) into
 --dataset_dir, from the IDX .gz files in --source_dir (by default the copy
 bundled in data/mnist/). Nothing is rewritten when valid output already exists.
 
+A file in --dataset_dir that this script did not write (no .json sidecar that
+matches it, e.g. a TFRecord made by another tool) is never modified: a valid
+one in the article's format is kept and used as it is, a corrupt or truncated
+one is an error (exit 1) naming the file and the record where reading failed.
+--overwrite replaces such files with the conversion.
+
 Usage:
   python download_and_convert_mnist.py                       # bundled copy -> dataset/mnist
   python download_and_convert_mnist.py --dataset_dir=/data/mnist
   python download_and_convert_mnist.py --source_dir=/tmp/idx --download
   python download_and_convert_mnist.py --source_dir=tiny --expected_counts=50,20
+  python download_and_convert_mnist.py --dataset_dir=DIR --overwrite   # replace DIR's files
 
 Exits with code 1 and a one-line 'error: ...' message on bad input.
 """
@@ -43,6 +50,13 @@ flags.DEFINE_bool(
     "download", False,
     "First fetch the IDX .gz files missing from --source_dir from the standard MNIST "
     "mirrors (needs network access); files already there are kept.")
+flags.DEFINE_bool(
+    "overwrite", False,
+    "Replace mnist_train.tfrecord / mnist_test.tfrecord (and their .json sidecars) in "
+    "--dataset_dir even when this script did not write them (no sidecar that matches them, "
+    "e.g. TFRecords made by another tool, or corrupt files). Without it such files are never "
+    "modified: a valid one is used as it is, a corrupt one is an error. Output this script "
+    "wrote from the same IDX files is kept either way (a conversion gives the same bytes).")
 flags.DEFINE_string(
     "expected_counts", "",
     "Number of images expected in the IDX files as 'TRAIN,TEST' (e.g. '50,20' for small "
@@ -87,7 +101,7 @@ def main(argv):
         outputs = datasets.convert_mnist(
             FLAGS.source_dir, FLAGS.dataset_dir,
             expected_counts=parse_expected_counts(FLAGS.expected_counts),
-            download=FLAGS.download,
+            download=FLAGS.download, overwrite=FLAGS.overwrite,
             progress=lambda line: print(line, flush=True))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

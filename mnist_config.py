@@ -26,7 +26,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "dataset_dir", None,
     "Directory of the data. For tfrecord: where the TFRecords are (default: dataset/mnist, "
-    "created on first use). For tfds: tensorflow-datasets' data_dir (default: tfds' own, "
+    "created on first use); capsem (re)writes only files it wrote itself (a .json sidecar "
+    "that matches them) and uses any other valid TFRecord of the article's format as it is, "
+    "never modifying it (a corrupt one is an error). For tfds: tensorflow-datasets' data_dir (default: tfds' own, "
     "~/tensorflow_datasets).")
 flags.DEFINE_string(
     "source_dir", BUNDLED_MNIST,

@@ -109,8 +109,7 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         (0: TensorFlow's default).
       routing_kernels: "native" or "xla", as `capsem.step.TrainStep`; the
         result's `routing_kernels` says which ran ("xla" where the native
-        kernels could not be built, "paper" for the paper's routing, which
-        has no native kernels).
+        kernels could not be built), for either routing.
       recipe: "article" or "paper": the network's routing settings are the
         recipe's (`capsem.recipes`).
       Others: see the flags of `define_flags`.
@@ -137,7 +136,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
                               final_lambda=settings["final_lambda"],
                               variance_floor=settings["variance_floor"],
                               assignment_gradient=settings["assignment_gradient"],
-                              transform_stddev=settings["transform_stddev"], **abcd)
+                              transform_stddev=settings["transform_stddev"],
+                              conv1_batch_norm=settings["conv1_batch_norm"], **abcd)
     rng = np.random.RandomState(seed)
     # Preprocessed images lie in [-1, 1); labels are uniform over the classes.
     images = tf.constant(rng.uniform(-1.0, 1.0, (batch_size, image_size, image_size, channels))
@@ -149,8 +149,9 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     if mode == "train":
         if micro_batch_size is not None:
             kwargs["micro_batch_size"] = micro_batch_size or None
-        else:  # train.py's default (1 with the paper's routing)
-            kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(settings["routing"])
+        else:  # train.py's default (1 with the paper's routing in the XLA kernels)
+            kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(
+                settings["routing"], kwargs.get("jit_compile", True), routing_kernels)
         train_step = step_lib.TrainStep(model, step_lib.make_optimizer(),
                                         iterations_per_epoch=1000, clip_norm=4.0, **kwargs)
         used_micro, used_jit = train_step.micro_batch_size, train_step.jit_compile
@@ -192,9 +193,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         "micro_batch_size": used_micro,
         "jit": used_jit,
         "recipe": recipe,
-        "routing_kernels": "paper" if settings["routing"] == "paper" else (
-            "native" if step_lib.requests_native_kernels(used_jit, routing_kernels)
-            and native.available() else "xla"),
+        "routing_kernels": ("native" if step_lib.requests_native_kernels(used_jit, routing_kernels)
+                            and native.available() else "xla"),
         "stable": stable,
         "tf_version": tf.__version__,
         "threads": {

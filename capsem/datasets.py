@@ -7,9 +7,14 @@ on MNIST stored as TFRecords of PNG-encoded images, produced by a
 
 * ``read_idx`` / ``load_mnist_idx``: strict readers of the original MNIST IDX
   files (gzipped or plain);
-* ``convert_mnist``: the IDX -> TFRecord conversion, atomic and idempotent;
-* ``make_dataset``: batched ``tf.data`` pipelines over those TFRecords, or over
-  tensorflow-datasets' 'mnist', 'fashion_mnist' and 'smallnorb';
+* ``convert_mnist``: the IDX -> TFRecord conversion, atomic, idempotent and
+  reproducible, which never replaces a file it did not write
+  (``written_by_capsem``);
+* ``read_image_tfrecord``: a whole TFRecord of the article's image Examples
+  (capsem's or another tool's), checked and decoded into memory once;
+* ``make_dataset``: batched ``tf.data`` pipelines over those TFRecords (from
+  memory, in ``epoch_order``), or over tensorflow-datasets' 'mnist',
+  'fashion_mnist' and 'smallnorb';
 * ``validate_tfrecord``: a full CRC-checked pass over a TFRecord file.
 
 Every problem with the data is raised as a one-line ``capsem.errors.DataError``
@@ -17,6 +22,7 @@ naming the offending file or directory. Only ``download_mnist`` (and
 ``convert_mnist(download=True)``, which calls it) touches the network.
 """
 
+import collections
 import dataclasses
 import gzip
 import hashlib
@@ -49,6 +55,9 @@ __all__ = [
     "load_mnist_idx",
     "download_mnist",
     "convert_mnist",
+    "written_by_capsem",
+    "read_image_tfrecord",
+    "epoch_order",
     "make_dataset",
     "validate_tfrecord",
 ]
@@ -472,7 +481,7 @@ def _sources_record(paths):
 
 
 def _sidecar_path(tfrecord_path):
-    return tfrecord_path + ".json"
+    return os.fspath(tfrecord_path) + ".json"
 
 
 def _write_json_atomically(path, obj):
@@ -488,40 +497,60 @@ def _write_json_atomically(path, obj):
         raise
 
 
-def _existing_output(tfrecord_path, split, sources, count):
-    """Returns the record count of a valid existing output, else None.
-
-    Valid means: the sidecar exists and parses, describes this split, its record
-    count matches ``count`` (unless None), the TFRecord file's size and sha256
-    match the sidecar, and the source files (when present) match it too.
-    """
-    sidecar = _sidecar_path(tfrecord_path)
+def _read_sidecar(tfrecord_path):
+    """The parsed sidecar of a TFRecord when it is one of capsem's, else None."""
     try:
-        with open(sidecar, encoding="utf-8") as f:
+        with open(_sidecar_path(tfrecord_path), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError):
         return None
+    if not isinstance(meta, dict) or meta.get("format") != _SIDECAR_FORMAT:
+        return None
+    return meta
+
+
+def written_by_capsem(tfrecord_path):
+    """The sidecar of a TFRecord file that capsem wrote itself, else None.
+
+    capsem wrote the file when its sidecar (``<file>.json``) is one of capsem's
+    and records the file's present size and sha256. Any other file in a
+    dataset directory is not capsem's: capsem reads it as it is and never
+    modifies, moves or deletes it (`convert_mnist`).
+
+    Returns:
+      the sidecar's dict, or None.
+    """
+    meta = _read_sidecar(tfrecord_path)
+    if meta is None:
+        return None
     try:
-        if meta.get("format") != _SIDECAR_FORMAT or meta.get("split") != split:
+        recorded = (int(meta["tfrecord"]["size"]), str(meta["tfrecord"]["sha256"]))
+        if not os.path.isfile(tfrecord_path) or os.path.getsize(tfrecord_path) != recorded[0]:
             return None
-        num_records = int(meta["num_records"])
-        if count is not None and num_records != count:
+        if _file_digest(tfrecord_path) != recorded:
             return None
-        if not os.path.isfile(tfrecord_path):
-            return None
-        if os.path.getsize(tfrecord_path) != meta["tfrecord"]["size"]:
-            return None
-        if _file_digest(tfrecord_path) != (meta["tfrecord"]["size"], meta["tfrecord"]["sha256"]):
-            return None
-        if all(os.path.isfile(p) for p in sources):
-            if _sources_record(sources) != meta["sources"]:
-                return None
-        elif any(os.path.isfile(p) for p in sources):
-            return None
-        # else: no source files at all; the output still matches its own record.
     except (KeyError, TypeError, ValueError, AttributeError, OSError):
         return None
-    return num_records
+    return meta
+
+
+def _up_to_date(meta, split, sources, count):
+    """Whether capsem's output described by the sidecar `meta` is the conversion asked for.
+
+    It is when the sidecar describes this split, its record count matches
+    ``count`` (unless None), and the source files (when present) match it too.
+    """
+    try:
+        if meta.get("split") != split:
+            return False
+        if count is not None and int(meta["num_records"]) != count:
+            return False
+        if all(os.path.isfile(p) for p in sources):
+            return _sources_record(sources) == meta["sources"]
+        # No source files at all: the output still matches its own record.
+        return not any(os.path.isfile(p) for p in sources)
+    except (KeyError, TypeError, ValueError, AttributeError, OSError):
+        return False
 
 
 def _encode_pngs(images):
@@ -617,8 +646,9 @@ def _normalize_expected_counts(expected_counts):
     )
 
 
-def convert_mnist(source_dir, dataset_dir, *, expected_counts=None, download=False, progress=None):
-    """Converts the MNIST IDX files to the article's TFRecords.
+def convert_mnist(source_dir, dataset_dir, *, expected_counts=None, download=False,
+                  progress=None, overwrite=False):
+    """Converts the MNIST IDX files to the article's TFRecords, never replacing another's file.
 
     Writes ``mnist_train.tfrecord`` and ``mnist_test.tfrecord`` into dataset_dir,
     one ``tf.train.Example`` per image in IDX order with the features
@@ -626,9 +656,25 @@ def convert_mnist(source_dir, dataset_dir, *, expected_counts=None, download=Fal
     ``image/class/label``, ``image/height`` and ``image/width`` (int64). Each
     file is written to a temporary file in dataset_dir and renamed into place
     when complete, then a JSON sidecar (``<file>.json``) records its record
-    count, size and sha256 and the source files' sizes and sha256. A split whose
-    output matches its sidecar (and whose sources match it) is not rewritten.
-    All inputs to be converted are read and checked before anything is written.
+    count, size and sha256 and the source files' sizes and sha256.
+
+    What happens to each split's file:
+
+    * no file: it is converted;
+    * a file capsem wrote (`written_by_capsem`: its sidecar records its size
+      and sha256) that is the conversion asked for (same sources and count):
+      kept as it is; one converted from other sources or with another count:
+      converted again;
+    * any other file (no sidecar, or one that does not match it, e.g. a TFRecord
+      made by another tool): never modified, moved or deleted. It is read
+      whole (`read_image_tfrecord`): a valid TFRecord of the article's format,
+      with any number of records, is used as it is (logged as "not written by
+      capsem"); a corrupt, truncated or foreign one stops with a DataError
+      naming the file and the record where reading failed. With
+      ``overwrite=True`` it is replaced by the conversion instead.
+
+    All files are checked and all inputs to be converted are read before
+    anything is written.
 
     Args:
       source_dir: directory holding the four IDX files (``.gz`` or plain).
@@ -639,13 +685,15 @@ def convert_mnist(source_dir, dataset_dir, *, expected_counts=None, download=Fal
       download: fetch missing IDX files into source_dir first (``download_mnist``).
       progress: callable taking one line of text, called with progress and
         status lines; default ``logging.info``.
+      overwrite: replace files that capsem did not write (and their sidecars).
 
     Returns:
       {'train': path, 'test': path} of the TFRecord files.
 
     Raises:
-      DataError: on any problem with the inputs (one line naming the file) or
-        when dataset_dir cannot be created.
+      DataError: on any problem with the inputs or with a file in dataset_dir
+        that capsem did not write (one line naming the file), or when
+        dataset_dir cannot be created.
     """
     log = progress or logging.info
     counts = _normalize_expected_counts(expected_counts)
@@ -665,11 +713,26 @@ def convert_mnist(source_dir, dataset_dir, *, expected_counts=None, download=Fal
     for split in SPLITS:
         path = os.path.join(dataset_dir, f"mnist_{split}.tfrecord")
         outputs[split] = path
-        existing = _existing_output(path, split, _source_paths(source_dir, split), counts[split])
-        if existing is None:
-            todo.append(split)
-        else:
-            log(f"{split}: valid output already exists: {path} ({existing} images)")
+        sidecar = _sidecar_path(path)
+        meta = written_by_capsem(path)
+        if meta is None and not overwrite:
+            if os.path.lexists(path):  # not capsem's: read as it is, or stop
+                read_image_tfrecord(path, (*_MNIST_SIZE, 1), DATASETS["mnist"].num_classes,
+                                    log=log)
+                continue
+            if os.path.lexists(sidecar) and _read_sidecar(path) is None:
+                raise DataError(f"{sidecar}: not a sidecar written by capsem, and capsem would "
+                                f"write one there: {_LEFT_AS_IT_IS}")
+        if meta is not None and _up_to_date(meta, split, _source_paths(source_dir, split),
+                                            counts[split]):
+            log(f"{split}: valid output already exists: {path} ({meta['num_records']} images)")
+            continue
+        if meta is not None:
+            log(f"{split}: {path} was converted by capsem from other IDX files or with another "
+                f"count: converting again")
+        elif os.path.lexists(path):
+            log(f"{split}: {path} was not written by capsem: replacing it (overwrite)")
+        todo.append(split)
 
     # Read and check every input before writing anything.
     loaded = {}
@@ -701,6 +764,117 @@ def _parse_record(serialized):
     return image, parsed["image/class/label"]
 
 
+# What a user can do about a file in a dataset directory that capsem cannot use.
+_LEFT_AS_IT_IS = ("capsem leaves it as it is: remove it, or pass another --dataset_dir "
+                  "(download_and_convert_mnist.py --overwrite replaces it)")
+
+# Records per batch of a pass over a whole TFRecord file.
+_SCAN_BATCH = 4096
+
+# TFRecord files read whole into memory by read_image_tfrecord, by file identity.
+_LOADED = collections.OrderedDict()
+_LOADED_MAX = 4
+
+
+def _failing_record(path, parse, start):
+    """(index, error) of the first record from ``start`` on that cannot be read or parsed."""
+    index = start
+    iterator = iter(tf.data.TFRecordDataset(path).skip(start))
+    while True:
+        try:
+            record = next(iterator)
+        except StopIteration:
+            return index, None
+        except tf.errors.OpError as e:
+            return index, ("read", e)
+        if parse is not None:
+            try:
+                parse(record)
+            except tf.errors.OpError as e:
+                return index, ("parse", e)
+        index += 1
+
+
+def _scan_tfrecord(path, parse=None, hint=""):
+    """Reads every record of a TFRecord file (CRC-checked), parsed by ``parse`` when given.
+
+    Returns:
+      the list of numpy batches of ``parse``'s outputs (of raw records when
+      ``parse`` is None), in file order.
+
+    Raises:
+      DataError: naming the file and the index of the first record that cannot
+        be read (corrupt or truncated file) or parsed, followed by ``hint``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such TFRecord file")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: is not a file{hint}")
+    ds = tf.data.TFRecordDataset(path)
+    if parse is not None:
+        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    batches, count = [], 0
+    try:
+        for batch in ds.batch(_SCAN_BATCH).as_numpy_iterator():
+            batches.append(batch)
+            count += len(batch[0] if isinstance(batch, tuple) else batch)
+    except tf.errors.OpError as e:
+        index, failure = _failing_record(path, parse, count)
+        kind, error = failure or ("read", e)
+        detail = _first_line(error.message)
+        if kind == "read":
+            raise DataError(f"{path}: corrupt or truncated TFRecord file: record {index} cannot "
+                            f"be read ({detail}){hint}") from None
+        raise DataError(f"{path}: record {index} is not an image Example of the article's "
+                        f"format (features image/encoded PNG, image/class/label) ({detail})"
+                        f"{hint}") from None
+    return batches
+
+
+def _parse_and_check(expected):
+    """A record parser giving (image, label, decoded shape); a misshapen image comes as zeros."""
+
+    def parse(serialized):
+        image, label = _parse_record(serialized)  # (H, W, 1)
+        shape = tf.shape(image, out_type=tf.int32)
+        if len(expected) == 3:
+            same = tf.reduce_all(tf.equal(shape, tf.constant(expected, tf.int32)))
+            image = tf.cond(same, lambda: tf.reshape(image, expected),
+                            lambda: tf.zeros(expected, tf.uint8))
+        else:
+            image = tf.zeros(expected, tf.uint8)
+        return image, label, shape
+
+    return parse
+
+
+def _read_images(path, expected_shape, num_classes, hint):
+    """(images uint8 (N, *expected_shape), labels int64 (N,)) of a TFRecord file, all checked."""
+    expected = tuple(int(d) for d in expected_shape)
+    batches = _scan_tfrecord(path, _parse_and_check(expected), hint)
+    if not batches:
+        return np.zeros((0, *expected), np.uint8), np.zeros((0,), np.int64)
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches]).astype(np.int64)
+    shapes = np.concatenate([b[2] for b in batches])
+    if len(expected) == shapes.shape[1]:
+        bad = np.flatnonzero(np.any(shapes != np.asarray(expected), axis=1))
+    else:
+        bad = np.arange(len(shapes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{path}: record {i} holds an image of shape {_shape_str(shapes[i])}, "
+                        f"expected {_shape_str(expected)}{hint}")
+    if num_classes is not None:
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{path}: record {i} has label {int(labels[i])}, expected "
+                            f"0..{num_classes - 1}{hint}")
+    return images, labels
+
+
 def validate_tfrecord(path, expected_shape=None):
     """Reads a whole TFRecord file, checking every record's CRC.
 
@@ -715,47 +889,62 @@ def validate_tfrecord(path, expected_shape=None):
     Raises:
       DataError: naming the file if it is missing, corrupt or truncated, if a
         record is not an image Example, or if an image's shape differs from
-        expected_shape (naming both shapes).
+        expected_shape (naming both shapes), with the index of the record.
+    """
+    if expected_shape is None:
+        return sum(len(batch) for batch in _scan_tfrecord(path))
+    return len(_read_images(os.fspath(path), expected_shape, None, "")[1])
+
+
+def read_image_tfrecord(path, expected_shape, num_classes, log=None):
+    """Every image and label of a TFRecord file of the article's image Examples, checked.
+
+    The whole file is read (every record's CRC), every record parsed (features
+    ``image/encoded`` PNG, ``image/class/label``) and decoded; every image must
+    have ``expected_shape`` and every label be in 0 .. num_classes - 1. The
+    arrays are kept in memory for the file's identity (path, device, inode,
+    size, modification time): reading the same file again costs nothing, so a
+    training pass per epoch does not decode PNGs again. The first read logs
+    the path, the record count and whether capsem wrote the file
+    (`written_by_capsem`); a file capsem did not write is used as it is.
+
+    Args:
+      path: the TFRecord file.
+      expected_shape: (height, width, channels) of every image.
+      num_classes: labels must be in 0 .. num_classes - 1.
+      log: callable taking one line of text; default ``logging.info``.
+
+    Returns:
+      (images, labels): read-only uint8 array (N, *expected_shape) and int64
+      array (N,).
+
+    Raises:
+      DataError: one line naming the file, the record where reading or
+        checking failed, and what to do; the file is not touched.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such TFRecord file")
-    ds = tf.data.TFRecordDataset(path)
-    count = 0
+    expected = tuple(int(d) for d in expected_shape)
     try:
-        if expected_shape is None:
-            for batch in ds.batch(4096):
-                count += int(batch.shape[0])
-        else:
-            expected = tuple(int(d) for d in expected_shape)
-            shapes = ds.map(lambda r: tf.shape(_parse_record(r)[0]),
-                            num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
-            for batch in shapes.as_numpy_iterator():
-                if batch.shape[1] != len(expected):
-                    bad = np.zeros(batch.shape[0], dtype=bool)
-                    bad[0] = True
-                else:
-                    bad = np.any(batch != np.asarray(expected), axis=1)
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    raise DataError(
-                        f"{path}: record {count + i} holds an image of shape "
-                        f"{_shape_str(batch[i])}, expected {_shape_str(expected)}"
-                    )
-                count += int(batch.shape[0])
-    except tf.errors.DataLossError as e:
-        raise DataError(
-            f"{path}: corrupt or truncated TFRecord file after about {count} good records "
-            f"({_first_line(e.message)})"
-        ) from None
-    except tf.errors.InvalidArgumentError as e:
-        raise DataError(
-            f"{path}: a record after about {count} good records is not an image Example "
-            f"({_first_line(e.message)})"
-        ) from None
-    except tf.errors.OpError as e:
-        raise DataError(f"{path}: cannot read: {_first_line(e.message)}") from None
-    return count
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+               expected, num_classes)
+    except OSError:
+        key = None
+    if key is not None and key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    images, labels = _read_images(path, expected, num_classes, f"; {_LEFT_AS_IT_IS}")
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    origin = ("written by capsem" if written_by_capsem(path) is not None else
+              "not written by capsem (no sidecar that matches it): used as it is, never "
+              "modified (download_and_convert_mnist.py --overwrite replaces it)")
+    (log or logging.info)(f"{path}: {len(labels)} records, {origin}")
+    if key is not None:
+        _LOADED[key] = (images, labels)
+        while len(_LOADED) > _LOADED_MAX:
+            _LOADED.popitem(last=False)
+    return images, labels
 
 
 def _mnist_tfrecord_path(dataset_dir, split):
@@ -770,44 +959,6 @@ def _mnist_tfrecord_path(dataset_dir, split):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; {hint}")
     return path
-
-
-def _check_first_record(path, expected_shape):
-    """Decodes the first record of a TFRecord file and checks its image shape."""
-    try:
-        first = None
-        for serialized in tf.data.TFRecordDataset(path).take(1):
-            first = _parse_record(serialized)[0]
-    except tf.errors.OpError as e:
-        raise DataError(
-            f"{path}: cannot read the first record as an image Example ({_first_line(e.message)})"
-        ) from None
-    if first is None:
-        raise DataError(
-            f"{path}: holds no records; run `python download_and_convert_mnist.py` again"
-        )
-    if tuple(first.shape) != tuple(expected_shape):
-        raise DataError(
-            f"{path}: images have shape {_shape_str(first.shape)}, expected "
-            f"{_shape_str(expected_shape)}"
-        )
-
-
-def _checked_image(image, expected_shape, path):
-    """Asserts in-graph that a decoded image has the expected shape."""
-    expected = tf.constant(expected_shape, dtype=tf.int32)
-    shape = tf.shape(image, out_type=tf.int32)
-    ok = tf.reduce_all(tf.equal(shape, expected)) if len(expected_shape) else True
-    ok = tf.logical_and(tf.equal(tf.size(shape), len(expected_shape)), ok)
-    check = tf.debugging.Assert(
-        ok,
-        [f"{path}: decoded image shape differs from the expected {_shape_str(expected_shape)}:",
-         shape],
-        summarize=8,
-    )
-    with tf.control_dependencies([check]):
-        image = tf.identity(image)
-    return tf.ensure_shape(image, expected_shape)
 
 
 def random_shift_image(image, max_shift, seed_pair):
@@ -836,33 +987,57 @@ def _with_shifts(ds, max_shift, seed, decode):
     return ds.enumerate().map(shifted, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0):
+def epoch_order(n, buffer_size, seed):
+    """The order of a training pass over ``n`` examples shuffled with ``seed``.
+
+    The permutation that ``ds.shuffle(buffer_size, seed=seed,
+    reshuffle_each_iteration=False)`` applies to any dataset of ``n`` elements
+    (it depends only on ``n``, the buffer size, ``seed`` and TensorFlow's
+    global seed), i.e. the order in which capsem's TFRecord pipeline has
+    always visited the examples.
+
+    Returns:
+      an int64 array of the ``n`` indices in the order of the pass.
+    """
+    if n == 0:
+        return np.zeros((0,), np.int64)
+    ds = tf.data.Dataset.range(n).shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+    return ds.batch(n).get_single_element().numpy()
+
+
+def _tfrecord_batches(info, split, dataset_dir, training, seed, buffer_size, batch_size,
+                      drop_remainder, random_shift=0):
+    """The batches of an MNIST TFRecord split, from its images decoded once into memory.
+
+    A training pass visits the examples in `epoch_order` with ``buffer_size``
+    (``make_dataset``'s: ``shuffle_buffer``, else the split's nominal size), the
+    order of the former ``TFRecordDataset(path).shuffle(buffer_size, seed,
+    reshuffle_each_iteration=False)`` pipeline.
+    """
     if info.name != "mnist":
         raise DataError(
             f"dataset {info.name!r} has no TFRecord converter: use data_source='tfds' "
             f"(data_source='tfrecord' supports only 'mnist')"
         )
     path = _mnist_tfrecord_path(dataset_dir, split)
-    _check_first_record(path, info.input_shape)
-    ds = tf.data.TFRecordDataset(path)
+    images, labels = read_image_tfrecord(path, info.input_shape, info.num_classes)
+    if not len(labels):
+        raise DataError(
+            f"{path}: holds no records; run `python download_and_convert_mnist.py` again"
+        )
+    labels = labels.astype(np.int32)
     if training:
-        ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
-
-    def decode(serialized):
-        image, label = _parse_record(serialized)
-        image = _checked_image(image, info.input_shape, path)
-        return preprocess_image(image), tf.cast(label, tf.int32)
-
+        order = epoch_order(len(labels), buffer_size, seed)
+        images, labels = images[order], labels[order]
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
     if training and random_shift:
-        def parse(serialized):
-            image, label = _parse_record(serialized)
-            return _checked_image(image, info.input_shape, path), label
-
-        ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-        return _with_shifts(ds, random_shift, seed,
-                            lambda image, label: (preprocess_image(image),
-                                                  tf.cast(label, tf.int32)))
-    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = _with_shifts(ds, random_shift, seed,
+                          lambda image, label: (preprocess_image(image), label))
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+    # Preprocessing is elementwise: per batch gives the same numbers as per image.
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.map(lambda image, label: (preprocess_image(image), label),
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # -------------------------------------------------------------------------- tfds
@@ -978,18 +1153,22 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                  random_shift=0):
     """Builds the batched input pipeline of a dataset split.
 
-    'tfrecord' (MNIST only) reads ``dataset_dir/mnist_{split}.tfrecord`` as written
-    by ``convert_mnist``; 'tfds' reads tensorflow-datasets' prepared data from
-    ``dataset_dir`` (tfds' default data directory when None) without downloading.
+    'tfrecord' (MNIST only) reads ``dataset_dir/mnist_{split}.tfrecord`` (written
+    by ``convert_mnist`` or by another tool in the article's format), decoded
+    whole into memory once per process (``read_image_tfrecord``), so building
+    the pipeline of another epoch costs no decoding; 'tfds' reads
+    tensorflow-datasets' prepared data from ``dataset_dir`` (tfds' default data
+    directory when None) without downloading.
     MNIST and Fashion-MNIST images get the article's ``preprocess_image``;
     smallNORB images are resized to 48x48, then randomly cropped to 32x32 with
     random brightness and contrast (training) or centre-cropped (test), and
     standardised per image.
 
     When training, the whole split (or ``shuffle_buffer`` examples) is shuffled
-    with ``seed`` and ``reshuffle_each_iteration=False``, so a given seed always
-    yields the same order (pass a different seed per epoch; resume with
-    ``.skip(k)``). All ops are deterministic.
+    with ``seed`` and ``reshuffle_each_iteration=False`` (for TFRecords: in
+    ``epoch_order``, the same order), so a given seed always yields the same
+    order (pass a different seed per epoch; resume with ``.skip(k)``). All ops
+    are deterministic.
 
     Args:
       name: 'mnist', 'fashion_mnist' or 'smallnorb'.
@@ -1044,10 +1223,10 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                 "smallnorb is not available as TFRecords: use data_source='tfds' "
                 "(tensorflow-datasets' 'smallnorb')"
             )
-        ds = _tfrecord_examples(info, split, dataset_dir, training, seed, buffer_size,
-                                random_shift)
+        ds = _tfrecord_batches(info, split, dataset_dir, training, seed, buffer_size,
+                               batch_size, drop_remainder, random_shift)
     else:
         ds = _tfds_examples(info, split, dataset_dir, training, seed, buffer_size,
                             random_shift)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)

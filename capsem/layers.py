@@ -264,16 +264,34 @@ class _RoutingLayer(keras.layers.Layer):
             poses, w, i_activations, self.beta_v, self.beta_a, self.iterations,
             stable=self.stable, offsets=offsets, return_assignments=return_details)
 
-    def _route_paper(self, votes, i_activations, child_map, return_details):
-        """The paper's EM routing of votes `(N, P, I, O, 16)`, activations `(N, P, I)`."""
+    def _route_paper(self, poses, w, i_activations, offsets, child_map, return_details):
+        """The paper's EM routing of the votes `poses @ w (+ offsets)`.
+
+        Args:
+          poses: `(N, P, I, 16)`; w: `(1, I, O, 4, 4)`; i_activations:
+            `(N, P, I)`; offsets: None or `(I, 16)`.
+
+        Returns:
+          `(poses (N, P, O, 16), activations (N, P, O))` and, with
+          `return_details`, the votes `(N, P, I, O, 16)` and the assignments
+          `(N, P, I, O)`.
+        """
         options = dict(variance_floor=self.variance_floor,
                        assignment_gradient=self.assignment_gradient)
-        if return_details:
-            return paper_routing.em_routing_paper(
-                votes, i_activations, self.beta_v, self.beta_a, self.iterations,
-                self.final_lambda, child_map, return_assignments=True, **options)
-        return paper_routing.route(votes, i_activations, self.beta_v, self.beta_a,
-                                   self.iterations, self.final_lambda, child_map, **options)
+        if not return_details:  # the kernel entry: votes never materialised in native ops
+            return paper_routing.route_from_poses(
+                poses, w, i_activations, self.beta_v, self.beta_a, self.iterations,
+                self.final_lambda, child_map, offsets=offsets, **options)
+        num_p, num_i, num_o = poses.shape[1], poses.shape[2], w.shape[2]
+        votes = ops.mat_transform(tf.reshape(poses, [-1, num_i, 16]), w)  # (N*P, I, O, 16)
+        if offsets is not None:
+            votes = votes + offsets[:, None, :]  # (N*P, I, O, 16)
+        votes = tf.reshape(votes, tf.stack([-1, num_p, num_i, num_o, 16]))  # (N, P, I, O, 16)
+        votes.set_shape([poses.shape[0], num_p, num_i, num_o, 16])
+        result = paper_routing.em_routing_paper(
+            votes, i_activations, self.beta_v, self.beta_a, self.iterations,
+            self.final_lambda, child_map, return_assignments=True, **options)
+        return (*result, votes)
 
     def _prepare(self, inputs):
         """Converts `[poses, activations]` to tensors and builds the layer if needed."""
@@ -459,20 +477,20 @@ class ConvCaps(_RoutingLayer):
         return {"poses": out_p, "activations": out_a}
 
     def _call_paper(self, flat_p, tiled_a, return_details):
-        """`call_with_details` with the paper's routing (votes materialised)."""
+        """`call_with_details` with the paper's routing."""
         o, k2i = self.capsules, self.kernel_size * self.kernel_size * self.in_capsules
         shape = tf.shape(tiled_a)
         n, oh, ow = shape[0], shape[1], shape[2]
         p = oh * ow
         static = tiled_a.shape[:3]
-        votes = ops.mat_transform(flat_p, self.w)  # (N*OH*OW, K*K*I, O, 16)
-        votes = tf.reshape(votes, tf.stack([n, p, k2i, o, 16]))  # (N, P, K*K*I, O, 16)
-        votes.set_shape([static[0], self.child_map.positions, k2i, o, 16])
+        poses = tf.reshape(flat_p, tf.stack([n, p, k2i, 16]))  # (N, P, K*K*I, 16)
+        poses.set_shape([static[0], self.child_map.positions, k2i, 16])
         acts = tf.reshape(tiled_a, tf.stack([n, p, k2i]))  # (N, P, K*K*I)
         acts.set_shape([static[0], self.child_map.positions, k2i])
-        result = self._route_paper(votes, acts, self.child_map, return_details)
+        result = self._route_paper(poses, self.w, acts, None, self.child_map, return_details)
         out = self._grid_outputs(result, n, oh, ow, static)
         if return_details:
+            votes = result[3]  # (N, P, K*K*I, O, 16)
             out["votes"] = tf.reshape(votes, tf.stack([n, oh, ow, k2i, o, 16]))
             out["votes"].set_shape(static.concatenate([k2i, o, 16]))
             out["assignments"] = tf.reshape(result[2], tf.stack([n, oh, ow, k2i, o]))
@@ -591,12 +609,10 @@ class ClassCaps(_RoutingLayer):
         if self.coord_addition:
             offsets = self._coordinate_offsets(activations.shape[1], activations.shape[2])
         if self.routing == "paper":
-            votes = ops.mat_transform(flat_p, w_all)  # (N, H*W*I, O, 16)
-            if offsets is not None:
-                votes = votes + offsets[:, None, :]  # (N, H*W*I, O, 16)
-            result = self._route_paper(votes[:, None], i_act[:, None], None, return_details)
-            # poses (N, 1, O, 16), activations (N, 1, O)
-            result = (result[0][:, 0], result[1][:, 0]) + tuple(r[:, 0] for r in result[2:])
+            result = self._route_paper(flat_p[:, None], w_all, i_act[:, None], offsets, None,
+                                       return_details)
+            # poses (N, 1, O, 16), activations (N, 1, O)[, assignments (N, 1, H*W*I, O)]
+            result = (result[0][:, 0], result[1][:, 0]) + tuple(r[:, 0] for r in result[2:3])
         else:
             result = self._route(flat_p, w_all, i_act, offsets, return_details)
         out_p = tf.reshape(result[0], tf.stack([n, o, 4, 4]))  # (N, O, 4, 4)

@@ -3,19 +3,24 @@
 `capsem/native/em_routing.cc` holds two TensorFlow ops, `CapsemEmRouting`
 and its gradient `CapsemEmRoutingGrad`, which route one problem at a time
 with its votes in a per-thread buffer that stays in the core's cache (see
-the comment at the top of the file). They are compiled with the C++
-compiler of the machine (`choose_compiler`: `$CXX`, else the first of `g++`,
-`c++` and `clang++` on the PATH) against the headers of the installed
-TensorFlow, once per source, compiler, TensorFlow version and CPU, into a
-cache directory (`$CAPSEM_CACHE_DIR`, else `~/.cache/capsem`), which takes
-about 10 s the first time.
+the comment at the top of the file). `capsem/native/em_routing_paper.cc`
+holds their siblings for the paper's routing (`capsem.paper_routing`),
+`CapsemEmRoutingPaper` and `CapsemEmRoutingPaperGrad`, whose E-step
+normalises a child over the parents at every output position that receives
+it. Both sources include the shared helpers of `capsem/native/em_common.h`
+and are compiled into one library with the C++ compiler of the machine
+(`choose_compiler`: `$CXX`, else the first of `g++`, `c++` and `clang++` on
+the PATH) against the headers of the installed TensorFlow, once per source,
+compiler, TensorFlow version and CPU, into a cache directory
+(`$CAPSEM_CACHE_DIR`, else `~/.cache/capsem`), which takes about 15 s the
+first time.
 
-`capsem.ops` uses them for EM routing by default when they build; where
-they cannot (no compiler, TensorFlow without headers, another OS), it falls
-back to the XLA routing kernels with a warning and the same numbers to
-float32 rounding. `CAPSEM_NATIVE=0` in the environment turns them off;
-`with capsem.ops.native_routing_kernels(False):` does so for the routing
-built inside it.
+`capsem.ops` and `capsem.paper_routing` use them for EM routing by default
+when they build; where they cannot (no compiler, TensorFlow without
+headers, another OS), they fall back to the XLA routing kernels with a
+warning and the same numbers to float32 rounding. `CAPSEM_NATIVE=0` in the
+environment turns them off; `with capsem.ops.native_routing_kernels(False):`
+does so for the routing built inside it.
 """
 
 import hashlib
@@ -31,7 +36,13 @@ import threading
 
 import tensorflow as tf
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "em_routing.cc")
+_NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
+#: The article's routing kernels.
+_SOURCE = os.path.join(_NATIVE_DIR, "em_routing.cc")
+#: The paper's routing kernels (`capsem.paper_routing`).
+_PAPER_SOURCE = os.path.join(_NATIVE_DIR, "em_routing_paper.cc")
+#: The helpers both include.
+_HEADER = os.path.join(_NATIVE_DIR, "em_common.h")
 _LOCK = threading.Lock()
 _STATE = {}
 
@@ -116,10 +127,17 @@ def _flags():
             ["-march=native", "-mno-avx512fp16"], compile_flags, link_flags)
 
 
+def _sources():
+    """The C++ sources compiled into the one library."""
+    return [_SOURCE, _PAPER_SOURCE]
+
+
 def library_path():
-    """Where the compiled library for this source, compiler, TensorFlow and CPU is cached."""
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    """Where the compiled library for these sources, compiler, TensorFlow and CPU is cached."""
+    source = b""
+    for path in (*_sources(), _HEADER):
+        with open(path, "rb") as f:
+            source += f.read() + b"\0"
     base, arch, compile_flags, link_flags = _flags()
     key = hashlib.sha256()
     for part in (source, tf.__version__.encode(), _cpu_key().encode(), sys.platform.encode(),
@@ -144,7 +162,7 @@ def _compile(path):
     try:
         # Without -mno-avx512fp16 if the compiler does not know the flag; then without -march.
         for extra in (arch, arch[:1], []):
-            cmd = [*cxx, *base, *extra, _SOURCE, "-o", tmp, *compile_flags, *link_flags]
+            cmd = [*cxx, *base, *extra, *_sources(), "-o", tmp, *compile_flags, *link_flags]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode == 0:
                 os.replace(tmp, path)  # atomic: concurrent builds do not see half a file
@@ -222,5 +240,31 @@ def _em_routing_grad(op, g_mean, g_act, g_saved_rr, g_stats):
     g_src, g_w, g_a, g_beta_v, g_beta_a = load().capsem_em_routing_grad(
         src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act,
         inverse_temperatures=op.get_attr("inverse_temperatures"), stable=op.get_attr("stable"))
+    from_poses = src.shape.rank == 3
+    return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a]
+
+
+#: The attributes of CapsemEmRoutingPaper that its gradient op takes as well.
+_PAPER_ATTRS = ("inverse_temperatures", "variance_floor", "positions", "child_index",
+                "num_sources", "assignment_gradient")
+
+
+@tf.RegisterGradient("CapsemEmRoutingPaper")
+def _em_routing_paper_grad(op, g_mean, g_act, g_saved_rr, g_stats):
+    """Gradient of CapsemEmRoutingPaper w.r.t. the votes (or poses and w), a, beta_v, beta_a.
+
+    As for CapsemEmRouting, the saved assignments and statistics are internal
+    outputs whose gradients are not propagated.
+    """
+    del g_saved_rr, g_stats
+    mean, act, saved_rr, stats = op.outputs
+    if g_mean is None:
+        g_mean = tf.zeros_like(mean)
+    if g_act is None:
+        g_act = tf.zeros_like(act)
+    src, w, offsets, a, beta_v, beta_a = op.inputs
+    g_src, g_w, g_a, g_beta_v, g_beta_a = load().capsem_em_routing_paper_grad(
+        src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act,
+        **{name: op.get_attr(name) for name in _PAPER_ATTRS})
     from_poses = src.shape.rank == 3
     return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a]

@@ -16,7 +16,7 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
                  input_shape=(28, 28, 1), stable=False, name="capsules_em",
                  routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
                  transform_stddev=1.0, variance_floor=paper_routing.VARIANCE_FLOOR,
-                 assignment_gradient=True):
+                 assignment_gradient=True, conv1_batch_norm=False):
     """Builds the article's network: ReLU Conv1 -> PrimaryCaps -> ConvCaps1 -> ConvCaps2 -> Class capsules.
 
     * relu_conv1: 5x5 convolution, stride 2, SAME padding, A channels, ReLU;
@@ -51,6 +51,10 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
       variance_floor: the paper routing's variance floor.
       assignment_gradient: whether the paper routing's gradient flows through
         its assignments (`capsem.paper_routing.em_routing_paper`).
+      conv1_batch_norm: batch normalisation between relu_conv1's convolution
+        and its ReLU (the convolution then has no bias): yl-1993's PyTorch
+        implementation of the small network (README: 99.1% with it, 98.9%
+        without, after 30 epochs); False (default) is the article's network.
 
     Returns:
       a `keras.Model` mapping images `(N, H, W, channels)` to
@@ -87,8 +91,16 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
                         transform_initializer=keras.initializers.TruncatedNormal(
                             mean=0.0, stddev=float(transform_stddev)))
     inputs = keras.Input(shape=input_shape, name="images")
-    x = keras.layers.Conv2D(A, 5, strides=2, padding="same", activation="relu",
-                            name="relu_conv1")(inputs)  # (N, H/2, W/2, A)
+    if not isinstance(conv1_batch_norm, bool):
+        raise ValueError(f"conv1_batch_norm must be True or False, got {conv1_batch_norm!r}")
+    if conv1_batch_norm:
+        x = keras.layers.Conv2D(A, 5, strides=2, padding="same", use_bias=False,
+                                name="relu_conv1")(inputs)  # (N, H/2, W/2, A)
+        x = keras.layers.BatchNormalization(name="conv1_batch_norm")(x)  # (N, H/2, W/2, A)
+        x = keras.layers.ReLU(name="conv1_relu")(x)  # (N, H/2, W/2, A)
+    else:
+        x = keras.layers.Conv2D(A, 5, strides=2, padding="same", activation="relu",
+                                name="relu_conv1")(inputs)  # (N, H/2, W/2, A)
     caps = caps_layers.PrimaryCaps(B, name="primary_caps")(x)  # (N, 14, 14, B, 4, 4)
     caps = caps_layers.ConvCaps(C, kernel_size=3, strides=2, name="conv_caps1",
                                 **routing_args)(list(caps))  # (N, 6, 6, C, 4, 4)

@@ -54,7 +54,7 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
-from capsem import ops
+from capsem import native, ops
 
 #: Added to every variance (Gritzman 2019, pitfall 2: a parent with one child, or
 #: with votes that agree, must not reach log(0)).
@@ -260,6 +260,36 @@ def normalise_over_parents(zz, child_map=None):
     return e / denom  # (N, P, O, I)
 
 
+def _check_inputs(votes, i_activations, beta_v, beta_a, iterations, child_map, variance_floor):
+    """The checks of `em_routing_paper`'s arguments; returns votes, i_activations, beta_v, beta_a.
+
+    votes `(N, P, I, O, 16)`, i_activations `(N, P, I)`, beta_v and beta_a
+    `(O,)`, as tensors.
+    """
+    votes = tf.convert_to_tensor(votes)
+    i_activations = tf.convert_to_tensor(i_activations, votes.dtype)
+    ops._check_iterations(iterations)
+    if votes.shape.rank != 5 or votes.shape[-1] != 16 or None in votes.shape[1:]:
+        raise ValueError(f"em_routing_paper votes must be (N, P, I, O, 16) with known P, I "
+                         f"and O, got shape {ops._static_shape(votes)}")
+    _, num_p, num_i, num_o, _ = votes.shape.as_list()
+    if i_activations.shape.rank != 3 or not i_activations.shape[1:].is_compatible_with(
+            [num_p, num_i]):
+        raise ValueError(f"em_routing_paper i_activations must be (N, P, I) = "
+                         f"{ops._static_shape(votes)[:3]}, got "
+                         f"{ops._static_shape(i_activations)}")
+    if child_map is not None and (num_p != child_map.positions
+                                  or num_i % (child_map.kernel ** 2)):
+        raise ValueError(f"em_routing_paper: votes {ops._static_shape(votes)} do not match "
+                         f"the child map ({child_map.positions} positions, kernel "
+                         f"{child_map.kernel})")
+    beta_v = ops._check_beta(beta_v, num_o, "beta_v", votes.dtype)  # (O,)
+    beta_a = ops._check_beta(beta_a, num_o, "beta_a", votes.dtype)  # (O,)
+    if isinstance(variance_floor, bool) or not variance_floor > 0:
+        raise ValueError(f"variance_floor must be > 0, got {variance_floor!r}")
+    return votes, i_activations, beta_v, beta_a
+
+
 def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
                      final_lambda=FINAL_LAMBDA, child_map=None, return_assignments=False,
                      variance_floor=VARIANCE_FLOOR, assignment_gradient=True):
@@ -296,28 +326,10 @@ def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
     >>> p.shape, act.shape
     (TensorShape([2, 1, 3, 16]), TensorShape([2, 1, 3]))
     """
-    votes = tf.convert_to_tensor(votes)
-    i_activations = tf.convert_to_tensor(i_activations, votes.dtype)
-    ops._check_iterations(iterations)
-    if votes.shape.rank != 5 or votes.shape[-1] != 16 or None in votes.shape[1:]:
-        raise ValueError(f"em_routing_paper votes must be (N, P, I, O, 16) with known P, I "
-                         f"and O, got shape {ops._static_shape(votes)}")
+    votes, i_activations, beta_v, beta_a = _check_inputs(
+        votes, i_activations, beta_v, beta_a, iterations, child_map, variance_floor)
     _, num_p, num_i, num_o, _ = votes.shape.as_list()
-    if i_activations.shape.rank != 3 or not i_activations.shape[1:].is_compatible_with(
-            [num_p, num_i]):
-        raise ValueError(f"em_routing_paper i_activations must be (N, P, I) = "
-                         f"{ops._static_shape(votes)[:3]}, got "
-                         f"{ops._static_shape(i_activations)}")
-    if child_map is not None and (num_p != child_map.positions
-                                  or num_i % (child_map.kernel ** 2)):
-        raise ValueError(f"em_routing_paper: votes {ops._static_shape(votes)} do not match "
-                         f"the child map ({child_map.positions} positions, kernel "
-                         f"{child_map.kernel})")
-    beta_v = ops._check_beta(beta_v, num_o, "beta_v", votes.dtype)  # (O,)
-    beta_a = ops._check_beta(beta_a, num_o, "beta_a", votes.dtype)  # (O,)
     lambdas = inverse_temperatures_paper(iterations, final_lambda)
-    if isinstance(variance_floor, bool) or not variance_floor > 0:
-        raise ValueError(f"variance_floor must be > 0, got {variance_floor!r}")
     data_scale = float(num_o) / float(num_i)
     v = tf.transpose(votes, [0, 1, 3, 4, 2])  # (N, P, O, 16, I)
     rr = initial_assignments(num_o, num_i, child_map, votes.dtype)  # (P or 1, 1, I or 1)
@@ -348,12 +360,30 @@ _FUNCTIONS = {}
 
 def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_LAMBDA,
           child_map=None, variance_floor=VARIANCE_FLOOR, assignment_gradient=True):
-    """`em_routing_paper` as the layers call it: XLA-compiled inside a tf.function.
+    """`em_routing_paper` as the layers call it: the paper mode's kernel entry.
 
-    Eagerly, or where XLA is off (`compiled(False)`, or inside a function
-    compiled as a whole), plain TensorFlow ops. The kernel entry of the paper
-    mode, the sibling of `capsem.ops._route` for the article mode.
+    The sibling of `capsem.ops._route` for the article mode. By default the
+    routing runs in the native C++ ops of `capsem.native`
+    (`CapsemEmRoutingPaper` and its gradient op, compiled on first use), eagerly and in
+    tf.functions, when they build and the tensors are float32. Otherwise
+    (`capsem.ops.native_routing_kernels(False)`, `CAPSEM_NATIVE=0`, no
+    compiler, float64, or inside a function compiled as a whole by XLA),
+    inside a tf.function each layer's routing is one XLA-compiled function,
+    and eagerly or where XLA is off (`compiled(False)`, or inside a function
+    compiled as a whole) it runs as plain TensorFlow ops. All give the numbers
+    of `em_routing_paper` to float32 rounding, and its gradient.
+
+    Args and returns: as `em_routing_paper` (without `return_assignments`).
     """
+    votes, i_activations, beta_v, beta_a = _check_inputs(
+        votes, i_activations, beta_v, beta_a, iterations, child_map, variance_floor)
+    if ops._use_native(votes.dtype):
+        _, num_p, num_i, num_o, _ = votes.shape.as_list()
+        flat_v = tf.reshape(votes, [-1, num_i, num_o, 16])  # (N*P, I, O, 16)
+        flat_a = tf.reshape(i_activations, [-1, num_i])  # (N*P, I)
+        return _route_native(flat_v, None, None, flat_a, beta_v, beta_a, iterations,
+                             final_lambda, child_map, num_p, variance_floor,
+                             assignment_gradient)
     jit = (not tf.executing_eagerly() and getattr(ops._SETTINGS, "paper_jit", True)
            and not ops.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
     if not jit:
@@ -369,5 +399,89 @@ def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_L
                                     variance_floor=variance_floor,
                                     assignment_gradient=assignment_gradient)
         _FUNCTIONS[key] = tf.function(fn, jit_compile=True, autograph=False)
-    return _FUNCTIONS[key](votes, i_activations, tf.reshape(beta_v, [-1]),
-                           tf.reshape(beta_a, [-1]))
+    return _FUNCTIONS[key](votes, i_activations, beta_v, beta_a)
+
+
+def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
+                     final_lambda=FINAL_LAMBDA, child_map=None, variance_floor=VARIANCE_FLOOR,
+                     assignment_gradient=True, offsets=None):
+    """`route` of the votes `poses @ w (+ offsets)`, which the native ops never materialise.
+
+    The layers' entry: with the native kernels (see `route`) the votes are
+    formed per routing problem inside `CapsemEmRoutingPaper` (and their
+    gradient inside its gradient op), as the article mode's
+    `capsem.ops._em_routing_from_poses` does; otherwise the votes are formed
+    with `capsem.ops.mat_transform` and routed by `route`.
+
+    Args:
+      poses: `(N, P, I, 16)`, the 4x4 poses of the children of each output
+        position, flattened row-major.
+      w: transformation matrices `(1, I, O, 4, 4)`, shared by all N*P.
+      i_activations: `(N, P, I)`.
+      offsets: None or `(I, 16)`, added to every vote of child i (coordinate
+        addition).
+      Others: as `route`.
+
+    Returns:
+      `(poses (N, P, O, 16), activations (N, P, O))`.
+    """
+    poses = tf.convert_to_tensor(poses)
+    if poses.shape.rank != 4 or poses.shape[-1] != 16 or None in poses.shape[1:]:
+        raise ValueError(f"route_from_poses poses must be (N, P, I, 16) with known P and I, "
+                         f"got shape {ops._static_shape(poses)}")
+    _, num_p, num_i, _ = poses.shape.as_list()
+    if w.shape.rank != 5 or tuple(w.shape[:2]) != (1, num_i) or tuple(w.shape[3:]) != (4, 4):
+        raise ValueError(f"route_from_poses w must be (1, I, O, 4, 4) with I = {num_i}, got "
+                         f"shape {tuple(w.shape)}")
+    num_o = w.shape[2]
+    flat_p = tf.reshape(poses, [-1, num_i, 16])  # (N*P, I, 16)
+    if ops._use_native(poses.dtype):
+        # The checks of `route`, on a votes-shaped placeholder of zero examples.
+        _, i_activations, beta_v, beta_a = _check_inputs(
+            tf.zeros([0, num_p, num_i, num_o, 16], poses.dtype), i_activations, beta_v,
+            beta_a, iterations, child_map, variance_floor)
+        flat_a = tf.reshape(i_activations, [-1, num_i])  # (N*P, I)
+        return _route_native(flat_p, w[0], offsets, flat_a, beta_v, beta_a, iterations,
+                             final_lambda, child_map, num_p, variance_floor,
+                             assignment_gradient)
+    votes = ops.mat_transform(flat_p, w)  # (N*P, I, O, 16)
+    if offsets is not None:
+        votes = votes + offsets[:, None, :]  # (N*P, I, O, 16)
+    votes = tf.reshape(votes, tf.stack([-1, num_p, num_i, num_o, 16]))  # (N, P, I, O, 16)
+    votes.set_shape([poses.shape[0], num_p, num_i, num_o, 16])
+    return route(votes, i_activations, beta_v, beta_a, iterations, final_lambda, child_map,
+                 variance_floor, assignment_gradient)
+
+
+def _route_native(src, w, offsets, a, beta_v, beta_a, iterations, final_lambda, child_map,
+                  positions, variance_floor, assignment_gradient):
+    """The paper's routing of M = N*P problems in the native ops (capsem/native/em_routing_paper.cc).
+
+    Args:
+      src: votes `(M, I, O, 16)` (w and offsets None), or poses `(M, I, 16)`
+        with w `(I, O, 4, 4)` and offsets None or `(I, 16)` (the votes
+        `P @ W + offsets`, formed inside the ops and never materialised).
+      a: `(M, I)`; beta_v, beta_a: `(O,)`.
+      positions: P, the output positions of one example (`child_map.positions`,
+        or 1 for class capsules).
+      Others: as `em_routing_paper`.
+
+    Returns:
+      `(poses (N, P, O, 16), activations (N, P, O))`.
+    """
+    lib = native.load()
+    empty = tf.zeros([0], src.dtype)
+    num_o = beta_v.shape[0]
+    if w is not None:
+        w = tf.reshape(w, [w.shape[0], num_o, 16])  # (I, O, 16)
+    mean, act, _, _ = lib.capsem_em_routing_paper(
+        src, empty if w is None else w, empty if offsets is None else offsets, a,
+        beta_v, beta_a, inverse_temperatures=inverse_temperatures_paper(iterations, final_lambda),
+        variance_floor=float(variance_floor), positions=int(positions),
+        child_index=[] if child_map is None else [int(g) for g in child_map.index],
+        num_sources=0 if child_map is None else int(child_map.num_sources),
+        assignment_gradient=bool(assignment_gradient))
+    # mean (M, O, 16), act (M, O)
+    mean = tf.reshape(mean, [-1, positions, num_o, 16])  # (N, P, O, 16)
+    act = tf.reshape(act, [-1, positions, num_o])  # (N, P, O)
+    return mean, act

@@ -25,7 +25,7 @@ and largest setting; `docs/performance.md` has the measurements.
 import keras
 import tensorflow as tf
 
-from capsem import losses, ops, paper_routing
+from capsem import losses, native, ops, paper_routing
 
 #: TF1 `tf.train.AdamOptimizer`'s default epsilon (Keras' default is 1e-7).
 TF1_ADAM_EPSILON = 1e-8
@@ -37,16 +37,25 @@ def make_optimizer(learning_rate=1e-3, epsilon=TF1_ADAM_EPSILON):
                                  epsilon=epsilon)
 
 
-#: The gradient micro-batch size used with the paper's routing by default: its
-#: votes are materialised (capsem.paper_routing), and one example at a time
-#: they stay in the CPU caches (2.1x faster than batch 24 on 2 cores,
-#: docs/results.md).
+#: The gradient micro-batch size used with the paper's routing by default where
+#: it runs in the XLA kernels: there its votes are materialised
+#: (capsem.paper_routing.route), and one example at a time they stay in the CPU
+#: caches (2.1x faster than batch 24 on 2 cores, docs/results.md). The native
+#: kernels form the votes per routing problem and take the whole batch.
 PAPER_MICRO_BATCH_SIZE = 1
 
 
-def default_micro_batch_size(routing):
-    """The default gradient micro-batch size for a routing mode (None: the whole batch)."""
-    return PAPER_MICRO_BATCH_SIZE if routing == "paper" else None
+def default_micro_batch_size(routing, jit_compile=True, routing_kernels="native"):
+    """The default gradient micro-batch size for a routing mode (None: the whole batch).
+
+    `PAPER_MICRO_BATCH_SIZE` for the paper's routing unless it runs in the
+    native kernels (`jit_compile` and `routing_kernels` as in `TrainStep`).
+    """
+    if routing != "paper":
+        return None
+    if requests_native_kernels(jit_compile, routing_kernels) and native.available():
+        return None
+    return PAPER_MICRO_BATCH_SIZE
 
 
 def clip_per_variable(grads, clip_norm):

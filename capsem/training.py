@@ -35,7 +35,7 @@ from capsem.errors import CheckpointError, ConfigError, DataError, TrainingError
 #: Config fields that define the model's variables: a log_dir holding a
 #: checkpoint made with other values cannot be resumed, not even with
 #: `allow_config_change`.
-ARCHITECTURE_KEYS = ("dataset", "A", "B", "C", "D")
+ARCHITECTURE_KEYS = ("dataset", "A", "B", "C", "D", "conv1_batch_norm")
 
 #: Config fields that change what a resumed run computes: a difference from the
 #: log_dir's config.json stops the run unless `allow_config_change` is set
@@ -104,6 +104,7 @@ class TrainConfig:
       assignment_gradient: whether the paper routing's gradient flows through
         its assignments (`capsem.paper_routing.em_routing_paper`).
       transform_stddev: stddev of the transformation matrices' initializer.
+      conv1_batch_norm: batch normalisation in ReLU Conv1 (`capsem.nets.capsules_net`).
       margin_schedule: "article" (0.2 -> 0.9 by 0.1 per epoch) or "linear"
         (0.2 -> 0.9 linearly over `margin_ramp_epochs`).
       margin_ramp_epochs: epochs of the linear margin ramp (> 0).
@@ -118,7 +119,10 @@ class TrainConfig:
         `capsem.step.TrainStep`).
       routing_kernels: "native" or "xla", the EM routing kernels (see
         `capsem.step.TrainStep`).
-      log_every_steps: a log line every this many steps.
+      log_every_steps: a progress line at most every this many steps (at steps
+        that are multiples of it).
+      log_every_secs: and at least this many seconds after the previous one
+        (0: no time floor); the first and the last step always get one.
       summary_secs: write TensorBoard scalars at most this often (0: every step).
       histogram_secs: write histograms at most this often (0: every summary).
       checkpoint_secs: save a checkpoint at most this often (0: every step).
@@ -156,6 +160,7 @@ class TrainConfig:
     variance_floor: float = 1e-4
     assignment_gradient: bool = True
     transform_stddev: float = 1.0
+    conv1_batch_norm: bool = False
     margin_schedule: str = "article"
     margin_ramp_epochs: float = 7.0
     lr_decay_rate: float = 1.0
@@ -165,6 +170,7 @@ class TrainConfig:
     jit_compile: bool = True
     routing_kernels: str = "native"
     log_every_steps: int = 10
+    log_every_secs: float = 10.0
     summary_secs: float = 60.0
     histogram_secs: float = 600.0
     checkpoint_secs: float = 600.0
@@ -201,7 +207,8 @@ class TrainConfig:
         for name in ("learning_rate", "adam_epsilon"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("clip_norm", "summary_secs", "histogram_secs", "checkpoint_secs"):
+        for name in ("clip_norm", "summary_secs", "histogram_secs", "checkpoint_secs",
+                     "log_every_secs"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.log_dir:
@@ -218,6 +225,9 @@ class TrainConfig:
         if not 0 < self.lr_decay_rate <= 1:
             raise ConfigError(f"lr_decay_rate must be in (0, 1] (1: no decay), "
                               f"got {self.lr_decay_rate!r}")
+        if not isinstance(self.conv1_batch_norm, bool):
+            raise ConfigError(f"conv1_batch_norm must be True or False, "
+                              f"got {self.conv1_batch_norm!r}")
         for name, low in (("lr_decay_steps", 1), ("random_shift", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -372,7 +382,12 @@ def _write_json_atomically(path, obj):
 
 
 def prepare_data(config):
-    """Makes sure the data exists (converting the MNIST IDX files on first use).
+    """Makes sure the data exists (converting the MNIST IDX files on first use) and checks it.
+
+    TFRecords are read whole and checked here (`datasets.read_image_tfrecord`,
+    which keeps them decoded in memory for the epochs to come); a file in
+    dataset_dir that capsem did not write is used as it is or stops the run
+    with a DataError, and is never modified (`datasets.convert_mnist`).
 
     Returns:
       `(num_train, num_test)`, the real number of examples of the two splits.
@@ -384,7 +399,8 @@ def prepare_data(config):
         sizes = datasets.tfds_split_sizes(config.dataset, config.dataset_dir)
         return sizes["train"], sizes["test"]
     if config.source_dir:
-        # Idempotent: a no-op (checked against the sidecar files) when valid output exists.
+        # Idempotent: a no-op (checked against the sidecar files) when valid output exists;
+        # files capsem did not write are checked and kept as they are.
         datasets.convert_mnist(config.source_dir, config.dataset_dir)
     counts = []
     for split in datasets.SPLITS:
@@ -396,7 +412,7 @@ def prepare_data(config):
                     f"download_and_convert_mnist.py --dataset_dir={config.dataset_dir}")
             raise DataError(f"{path}: no such file; run python download_and_convert_mnist.py "
                             f"--dataset_dir={config.dataset_dir}")
-        count = datasets.validate_tfrecord(path, expected_shape=info.input_shape)
+        count = len(datasets.read_image_tfrecord(path, info.input_shape, info.num_classes)[1])
         if count == 0:
             raise DataError(f"{path}: holds no examples")
         counts.append(count)
@@ -412,7 +428,8 @@ def build_model(config, info):
                              final_lambda=config.final_lambda,
                              transform_stddev=config.transform_stddev,
                              variance_floor=config.variance_floor,
-                             assignment_gradient=config.assignment_gradient)
+                             assignment_gradient=config.assignment_gradient,
+                             conv1_batch_norm=config.conv1_batch_norm)
 
 
 def margin_function(config, num_train):
@@ -435,18 +452,30 @@ def learning_rate(config):
 class _Progress:
     """A progress line: step, loss, accuracy, steps/s and ETA.
 
+    A line is due (`due`) at a step that is a multiple of `every_steps` once
+    `every_secs` seconds have passed since the previous line: every N steps or
+    every T seconds, whichever is later, so a fast loop does not flood the log.
     The rate is measured between consecutive progress lines (the first line,
     after the step that traced and compiled the training step, only starts
     the clock), so it shows the current speed of the loop, comparable with
     `bench.py`; the ETA uses it too.
     """
 
-    def __init__(self, total_steps, start_step, batch_size):
+    def __init__(self, total_steps, start_step, batch_size, every_steps=1, every_secs=0.0):
         self.total = total_steps
         self.batch_size = batch_size
+        self.every_steps = every_steps
+        self.every_secs = every_secs
         self.last_step = start_step
         self.last_time = None
         self.rate = 0.0
+
+    def due(self, step, now=None):
+        """Whether `step` gets a line: a multiple of every_steps, every_secs after the last."""
+        if step % self.every_steps:
+            return False
+        now = time.time() if now is None else now
+        return self.last_time is None or now - self.last_time >= self.every_secs
 
     def update(self, step):
         """Updates the rate at a progress line of `step`."""
@@ -781,8 +810,9 @@ class _Trainer:
         kwargs = {}
         if config.micro_batch_size is not None:
             kwargs["micro_batch_size"] = config.micro_batch_size
-        elif step_lib.default_micro_batch_size(config.routing) is not None:
-            kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(config.routing)
+        else:
+            kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(
+                config.routing, config.jit_compile, config.routing_kernels)
         self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
                                           clip_norm=config.clip_norm,
                                           jit_compile=config.jit_compile,
@@ -872,7 +902,8 @@ class _Trainer:
         """The training loop; `stop` is a `_StopSignal` checked after every step."""
         config = self.config
         start_step = int(self.global_step.numpy())
-        progress = _Progress(self.total_steps, start_step, config.batch_size)
+        progress = _Progress(self.total_steps, start_step, config.batch_size,
+                             config.log_every_steps, config.log_every_secs)
         history = {"loss": [], "steps": [], "test": []}
         last_summary = last_hist = last_ckpt = time.time()
         window = _new_window()
@@ -901,7 +932,7 @@ class _Trainer:
                 history["loss"].append(loss)
                 history["steps"].append(step)
                 now = time.time()
-                if (step % config.log_every_steps == 0 or step == start_step + 1
+                if (progress.due(step, now) or step == start_step + 1
                         or step == self.total_steps or stop.received):
                     logging.info(progress.line(
                         step, window["loss"] / max(window["examples"], 1),

@@ -37,7 +37,9 @@ def test_bench_json_line_has_positive_finite_numbers():
 def test_bench_paper_recipe_runs_the_paper_routing():
     out = _run_bench("--mode=train", "--json", "--recipe=paper", "--jit=false", *TINY)
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["recipe"] == "paper" and result["routing_kernels"] == "paper"
+    # The paper routing's native kernels take the whole batch (no micro-batches).
+    assert result["recipe"] == "paper" and result["routing_kernels"] == "native"
+    assert result["micro_batch_size"] is None
     assert result["images_per_sec"] > 0 and math.isfinite(result["last_value"])
 
 

@@ -15,7 +15,9 @@ import tensorflow as tf  # noqa: E402
 
 from capsem import datasets  # noqa: E402
 from capsem.errors import DataError  # noqa: E402
-from mnist_fixtures import IDX_NAMES, idx_bytes, make_tiny_mnist, write_idx  # noqa: E402
+from mnist_fixtures import (IDX_NAMES, flip_tfrecord_byte, idx_bytes,  # noqa: E402
+                            make_tiny_mnist, snapshot, truncate_tfrecord, write_idx,
+                            write_image_tfrecord)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(REPO, "data", "mnist")
@@ -104,28 +106,115 @@ def test_second_call_is_a_noop_and_stale_output_is_rewritten(tmp_path):
     assert {s: os.stat(p).st_mtime_ns for s, p in out.items()} == mtimes
     assert sum("already exists" in line for line in lines) == 2
 
-    # A missing sidecar, a corrupted output or changed sources trigger a rewrite.
-    os.remove(out["train"] + ".json")
-    lines.clear()
-    datasets.convert_mnist(tmp_path / "src", tmp_path / "out", expected_counts=TINY,
-                           progress=lines.append)
-    assert any(line.startswith("train: wrote") for line in lines)
-    assert not any(line.startswith("test: wrote") for line in lines)
-
-    data = bytearray(pathlib.Path(out["test"]).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    pathlib.Path(out["test"]).write_bytes(bytes(data))
-    lines.clear()
-    datasets.convert_mnist(tmp_path / "src", tmp_path / "out", expected_counts=TINY,
-                           progress=lines.append)
-    assert any(line.startswith("test: wrote") for line in lines)
-    assert datasets.validate_tfrecord(out["test"]) == N_TEST
-
+    # capsem's own output (its sidecar records its size and sha256) converted from other
+    # IDX files is converted again.
+    test_bytes = pathlib.Path(out["test"]).read_bytes()
     new = make_source(tmp_path / "src", seed=1)
-    datasets.convert_mnist(tmp_path / "src", tmp_path / "out", expected_counts=TINY)
+    lines.clear()
+    datasets.convert_mnist(tmp_path / "src", tmp_path / "out", expected_counts=TINY,
+                           progress=lines.append)
+    assert any(line.startswith("train: wrote") for line in lines), lines
+    assert any(line.startswith("test: wrote") for line in lines), lines
+    assert any("was converted by capsem from other IDX files" in line for line in lines)
     first = read_records(out["train"])[0]
     decoded = tf.io.decode_png(first["image/encoded"]).numpy()[..., 0]
     np.testing.assert_array_equal(decoded, new["train"][0][0])
+    assert pathlib.Path(out["test"]).read_bytes() != test_bytes
+    assert datasets.written_by_capsem(out["train"])["num_records"] == N_TRAIN
+
+
+def test_a_file_capsem_did_not_write_is_used_as_it_is(tmp_path):
+    """Without a sidecar that records its size and sha256, a TFRecord is not capsem's: it
+    is read (whatever its record count) and never modified, whatever the source files."""
+    make_source(tmp_path / "src")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(7, 28, 28, 1), dtype=np.uint8)
+    write_image_tfrecord(out_dir / "mnist_train.tfrecord", images, [3, 1, 4, 1, 5, 9, 2])
+    before = snapshot(out_dir)
+    lines = []
+    out = datasets.convert_mnist(tmp_path / "src", out_dir, expected_counts=TINY,
+                                 progress=lines.append)
+    assert snapshot(out_dir)["mnist_train.tfrecord"] == before["mnist_train.tfrecord"]
+    assert not (out_dir / "mnist_train.tfrecord.json").exists()
+    assert any(line == f"{out['train']}: 7 records, not written by capsem (no sidecar that "
+               f"matches it): used as it is, never modified (download_and_convert_mnist.py "
+               f"--overwrite replaces it)" for line in lines), lines
+    assert any(line.startswith("test: wrote") for line in lines)  # no file: converted
+    read, labels = datasets.read_image_tfrecord(out["train"], (28, 28, 1), 10)
+    np.testing.assert_array_equal(read, images)
+    assert labels.tolist() == [3, 1, 4, 1, 5, 9, 2]
+
+    # capsem's own file, changed after capsem wrote it (its sidecar no longer matches),
+    # is not capsem's any more either: kept, sidecar included, even with other sources.
+    test_path = pathlib.Path(out["test"])
+    write_image_tfrecord(test_path, images[:3], [0, 1, 2])
+    before = snapshot(out_dir)
+    make_source(tmp_path / "src", seed=2)
+    lines.clear()
+    datasets.convert_mnist(tmp_path / "src", out_dir, expected_counts=TINY,
+                           progress=lines.append)
+    assert snapshot(out_dir) == before
+    assert not any("wrote" in line for line in lines), lines
+    assert any(line.startswith(f"{test_path}: 3 records, not written by capsem")
+               for line in lines), lines
+    assert datasets.written_by_capsem(test_path) is None
+
+
+@pytest.mark.parametrize("damage", [flip_tfrecord_byte, truncate_tfrecord])
+def test_a_corrupt_file_capsem_did_not_write_stops_the_conversion(tmp_path, damage):
+    """A damaged TFRecord whose sidecar no longer matches is an error naming the file, the
+    record and what to do; nothing in the directory changes, the other split included."""
+    make_source(tmp_path / "src")
+    out = datasets.convert_mnist(tmp_path / "src", tmp_path / "out", expected_counts=TINY)
+    os.remove(out["train"])  # "no file at all" would be converted: the error comes first
+    record = damage(out["test"])
+    assert 0 < record < N_TEST
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(DataError) as info:
+        datasets.convert_mnist(tmp_path / "src", tmp_path / "out", expected_counts=TINY)
+    message = str(info.value)
+    assert message.startswith(f"{out['test']}: corrupt or truncated TFRecord file: record "
+                              f"{record} cannot be read (") and "\n" not in message, message
+    assert message.endswith("remove it, or pass another --dataset_dir "
+                            "(download_and_convert_mnist.py --overwrite replaces it)"), message
+    assert snapshot(tmp_path / "out") == before
+
+    # A file named like capsem's sidecar that capsem did not write is not replaced either.
+    with open(out["train"] + ".json", "w") as f:
+        f.write("{}")
+    os.remove(out["test"])
+    os.remove(out["test"] + ".json")
+    with pytest.raises(DataError, match=r"mnist_train.tfrecord.json: not a sidecar written by "
+                                        r"capsem.*remove it, or pass another --dataset_dir"):
+        datasets.convert_mnist(tmp_path / "src", tmp_path / "out", expected_counts=TINY)
+    assert snapshot(tmp_path / "out") == {"mnist_train.tfrecord.json": b"{}"}
+
+
+def test_overwrite_replaces_files_capsem_did_not_write(tmp_path):
+    make_source(tmp_path / "src")
+    datasets.convert_mnist(tmp_path / "src", tmp_path / "ref", expected_counts=TINY)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    write_image_tfrecord(out_dir / "mnist_train.tfrecord", np.zeros((2, 28, 28, 1), np.uint8),
+                         [0, 1])
+    (out_dir / "mnist_test.tfrecord").write_bytes(b"not a TFRecord")
+    (out_dir / "mnist_test.tfrecord.json").write_text("{}")
+    lines = []
+    datasets.convert_mnist(tmp_path / "src", out_dir, expected_counts=TINY, overwrite=True,
+                           progress=lines.append)
+    assert sum("was not written by capsem: replacing it (overwrite)" in line
+               for line in lines) == 2, lines
+    assert snapshot(out_dir) == snapshot(tmp_path / "ref")  # the conversion, sidecars too
+    assert datasets.written_by_capsem(out_dir / "mnist_train.tfrecord")["num_records"] == N_TRAIN
+    # capsem's own up-to-date output is kept with overwrite=True too.
+    mtime = os.stat(out_dir / "mnist_train.tfrecord").st_mtime_ns
+    lines.clear()
+    datasets.convert_mnist(tmp_path / "src", out_dir, expected_counts=TINY, overwrite=True,
+                           progress=lines.append)
+    assert sum("already exists" in line for line in lines) == 2
+    assert os.stat(out_dir / "mnist_train.tfrecord").st_mtime_ns == mtime
 
 
 def _corrupt_truncated_gzip(src):
@@ -291,6 +380,44 @@ def test_script_reports_bad_input_without_traceback(tmp_path):
     assert FILES["test"][0] in errors[0] and "bad magic number" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_script_keeps_files_it_did_not_write_and_overwrite_replaces_them(tmp_path):
+    """download_and_convert_mnist.py: the same rules as train.py, and --overwrite; two
+    conversions of the same IDX files (in two processes) give the same bytes."""
+    make_source(tmp_path / "src")
+    args = (f"--source_dir={tmp_path / 'src'}", f"--dataset_dir={tmp_path / 'out'}",
+            "--expected_counts=50,20")
+    reference = datasets.convert_mnist(tmp_path / "src", tmp_path / "ref", expected_counts=TINY)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    train = out_dir / "mnist_train.tfrecord"
+    write_image_tfrecord(train, np.full((4, 28, 28, 1), 9, np.uint8), [1, 2, 3, 4])
+    foreign = train.read_bytes()
+
+    result = _run_script(*args)  # a valid foreign train file: used as it is
+    assert result.returncode == 0, result.stderr
+    assert f"{train}: 4 records, not written by capsem" in result.stdout
+    assert train.read_bytes() == foreign and not (out_dir / "mnist_train.tfrecord.json").exists()
+    assert "test: wrote" in result.stdout
+
+    record = truncate_tfrecord(train)  # truncated: exit 1, one line, nothing changes
+    assert record == 3
+    before = snapshot(out_dir)
+    result = _run_script(*args)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {train}: corrupt or truncated TFRecord file: record 3 cannot be "
+                      f"read ({errors[0].split(' cannot be read (', 1)[1]}"], result.stderr
+    assert "remove it, or pass another --dataset_dir" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert snapshot(out_dir) == before
+
+    result = _run_script(*args, "--overwrite")  # replaced by the conversion, byte for byte
+    assert result.returncode == 0, result.stderr
+    assert "train: wrote" in result.stdout and "test: valid output already exists" in result.stdout
+    assert snapshot(out_dir) == snapshot(tmp_path / "ref")
+    assert train.read_bytes() == pathlib.Path(reference["train"]).read_bytes()
 
 
 # The canonical MNIST facts (from the bundled data's README).

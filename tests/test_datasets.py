@@ -12,7 +12,8 @@ import tensorflow as tf  # noqa: E402
 
 from capsem import datasets  # noqa: E402
 from capsem.errors import DataError  # noqa: E402
-from mnist_fixtures import write_idx  # noqa: E402
+from mnist_fixtures import (flip_tfrecord_byte, snapshot, truncate_tfrecord,  # noqa: E402
+                            write_idx, write_image_tfrecord)
 
 N_TRAIN, N_TEST = 50, 20
 
@@ -42,20 +43,6 @@ def _collect(ds):
         images.append(x.numpy())
         labels.append(y.numpy())
     return np.concatenate(images), np.concatenate(labels)
-
-
-def _write_examples(path, images, labels):
-    """Writes a TFRecord of PNG image Examples (as convert_mnist does)."""
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for image, label in zip(images, labels):
-            png = tf.io.encode_png(image).numpy()
-            ex = tf.train.Example(features=tf.train.Features(feature={
-                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
-                "image/format": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"png"])),
-                "image/class/label": tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[int(label)])),
-            }))
-            writer.write(ex.SerializeToString())
 
 
 def test_info():
@@ -131,6 +118,113 @@ def test_tfrecord_training_order(tiny):
     np.testing.assert_array_equal(labels, content["train"][1])
 
 
+def _decoded_train(path):
+    """The images of a TFRecord file in file order, decoded with TensorFlow's ops."""
+    return np.stack([datasets._parse_record(r)[0].numpy() for r in tf.data.TFRecordDataset(path)])
+
+
+def test_epochs_come_from_memory_in_the_tfrecord_pipelines_order(tiny, monkeypatch):
+    """A training pass per epoch reads and decodes nothing (the split is decoded once), and
+    visits the examples in the order of the former TFRecord pipeline,
+    `TFRecordDataset.shuffle(buffer, seed, reshuffle_each_iteration=False)`: reproducible,
+    different for each epoch's seed, and a resume with skip(k) continues it."""
+    dataset_dir, _ = tiny
+    path = os.path.join(dataset_dir, "mnist_train.tfrecord")
+    tf.random.set_seed(7)  # training sets the global seed too; the order depends on it
+
+    def make(seed):
+        return datasets.make_dataset("mnist", "train", dataset_dir=dataset_dir, batch_size=6,
+                                     training=True, seed=seed)
+
+    make(0)  # reads and decodes the file once
+    monkeypatch.setattr(datasets, "_scan_tfrecord",
+                        lambda *args, **kwargs: pytest.fail("the TFRecord file was read again"))
+    passes = []
+    for epoch in range(3):
+        seed = 100 + epoch
+        images, labels = _collect(make(seed))
+        reference = tf.data.TFRecordDataset(path).shuffle(
+            60000, seed=seed, reshuffle_each_iteration=False).map(datasets._parse_record)
+        ref_images, ref_labels = zip(*[(x.numpy(), y.numpy()) for x, y in reference])
+        np.testing.assert_array_equal(images, datasets.preprocess_image(np.stack(ref_images)))
+        np.testing.assert_array_equal(labels, ref_labels)
+        np.testing.assert_array_equal(_collect(make(seed))[0], images)  # reproducible
+        resumed, _ = _collect(make(seed).skip(3))  # mid-epoch resume: batch 3 onwards
+        np.testing.assert_array_equal(resumed, images[3 * 6:])
+        passes.append(labels)
+    assert not np.array_equal(passes[0], passes[1]) and not np.array_equal(passes[1], passes[2])
+
+    # A small shuffle buffer (a partial shuffle) with random shifts: the old expression too.
+    images, labels = _collect(datasets.make_dataset(
+        "mnist", "train", dataset_dir=dataset_dir, batch_size=6, training=True, seed=5,
+        shuffle_buffer=7, random_shift=2))
+    parsed = tf.data.TFRecordDataset(path).shuffle(
+        7, seed=5, reshuffle_each_iteration=False).map(datasets._parse_record)
+    reference = datasets._with_shifts(parsed, 2, 5, lambda image, label: (
+        datasets.preprocess_image(image), tf.cast(label, tf.int32)))
+    ref_images, ref_labels = zip(*[(x.numpy(), y.numpy()) for x, y in reference])
+    np.testing.assert_array_equal(images, np.stack(ref_images))
+    np.testing.assert_array_equal(labels, ref_labels)
+    order = datasets.epoch_order(N_TRAIN, 7, 5)
+    assert sorted(order) == list(range(N_TRAIN)) and order[0] < 7  # a buffer of 7
+    unshifted = datasets.preprocess_image(_decoded_train(path)[order]).numpy()
+    assert not np.array_equal(images, unshifted)  # shifted
+
+
+def _write_foreign_mnist(directory, n_train=13, n_test=10):
+    """TFRecords of the article's format as another tool writes them (no sidecars)."""
+    rng = np.random.default_rng(11)
+    os.makedirs(directory, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28, 1), dtype=np.uint8)
+        write_image_tfrecord(os.path.join(directory, f"mnist_{split}.tfrecord"), images,
+                             np.arange(n) % 10)
+
+
+def test_train_py_uses_a_foreign_tfrecord_as_it_is_and_stops_on_a_damaged_one(tmp_path):
+    """train.py with its default --source_dir (the bundled IDX files) on a --dataset_dir of
+    TFRecords it did not write: valid ones are trained on, byte-identical afterwards, and
+    the log says so; a corrupt or truncated one stops the run before training with one
+    line naming the file and the record, exit 1, and nothing in the directory changes."""
+    from test_training import TINY, run_train
+
+    foreign = tmp_path / "foreign"
+    _write_foreign_mnist(foreign)
+    before = snapshot(foreign)
+    out = run_train(TINY + [f"--dataset_dir={foreign}", f"--log_dir={tmp_path / 'log'}",
+                            "--max_steps=2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert snapshot(foreign) == before  # byte-identical, nothing added
+    for split, n in (("train", 13), ("test", 10)):
+        assert (f"{foreign / f'mnist_{split}.tfrecord'}: {n} records, not written by capsem"
+                in out.stderr), out.stderr[-3000:]
+    assert "4 steps per epoch" in out.stderr  # 13 examples in batches of 4
+    assert "10 examples in" in out.stderr  # the test set evaluated: the foreign file's 10
+    assert "train: wrote" not in out.stderr and "test: wrote" not in out.stderr
+
+    for damage in (flip_tfrecord_byte, truncate_tfrecord):
+        damaged = tmp_path / damage.__name__
+        _write_foreign_mnist(damaged)
+        record = damage(damaged / "mnist_train.tfrecord")
+        assert 0 < record < 13
+        before = snapshot(damaged)
+        log_dir = tmp_path / f"log_{damage.__name__}"
+        out = run_train(TINY + [f"--dataset_dir={damaged}", f"--log_dir={log_dir}",
+                                "--max_steps=2"])
+        assert out.returncode == 1, out.stderr[-3000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, out.stderr[-3000:]
+        prefix = (f"error: {damaged / 'mnist_train.tfrecord'}: corrupt or truncated TFRecord "
+                  f"file: record {record} cannot be read (")
+        assert errors[0].startswith(prefix), errors[0]
+        assert errors[0].endswith("capsem leaves it as it is: remove it, or pass another "
+                                  "--dataset_dir (download_and_convert_mnist.py --overwrite "
+                                  "replaces it)"), errors[0]
+        assert "Traceback" not in out.stderr
+        assert snapshot(damaged) == before
+        assert not log_dir.exists()  # stopped before training
+
+
 def test_missing_dataset_dir(tmp_path):
     with pytest.raises(DataError) as info:
         datasets.make_dataset("mnist", "train", dataset_dir=str(tmp_path / "nowhere"))
@@ -182,7 +276,8 @@ def test_validate_tfrecord_detects_corruption(tiny, tmp_path):
 
     truncated = tmp_path / "truncated.tfrecord"
     truncated.write_bytes(data[: len(data) - 100])
-    with pytest.raises(DataError, match="truncated.tfrecord: corrupt or truncated"):
+    with pytest.raises(DataError, match="truncated.tfrecord: corrupt or truncated TFRecord file: "
+                                        f"record {N_TRAIN - 1} cannot be read"):
         datasets.validate_tfrecord(truncated, expected_shape=(28, 28, 1))
 
     with pytest.raises(DataError, match="absent.tfrecord: no such TFRecord file"):
@@ -192,7 +287,7 @@ def test_validate_tfrecord_detects_corruption(tiny, tmp_path):
 def test_wrong_image_size(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(5, 32, 32, 1), dtype=np.uint8)
-    _write_examples(tmp_path / "mnist_train.tfrecord", images, range(5))
+    write_image_tfrecord(tmp_path / "mnist_train.tfrecord", images, range(5))
     with pytest.raises(DataError) as info:
         datasets.make_dataset("mnist", "train", dataset_dir=str(tmp_path))
     message = str(info.value)
@@ -203,16 +298,23 @@ def test_wrong_image_size(tmp_path):
     assert "(32, 32, 1)" in str(info.value) and "(28, 28, 1)" in str(info.value)
     assert "record 0" in str(info.value)
 
-    # A wrong size after a good first record fails when iterating, naming the file.
+    # A wrong size after good records is found before any batch, naming file and record.
     good = rng.integers(0, 256, size=(3, 28, 28, 1), dtype=np.uint8)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    _write_examples(mixed / "mnist_test.tfrecord", list(good) + [images[0]], range(4))
+    write_image_tfrecord(mixed / "mnist_test.tfrecord", list(good) + [images[0]], range(4))
     with pytest.raises(DataError, match=r"record 3 holds an image of shape \(32, 32, 1\)"):
         datasets.validate_tfrecord(mixed / "mnist_test.tfrecord", expected_shape=(28, 28, 1))
-    ds = datasets.make_dataset("mnist", "test", dataset_dir=str(mixed), batch_size=2)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="mnist_test.tfrecord"):
-        list(ds)
+    with pytest.raises(DataError, match=r"mnist_test.tfrecord: record 3 holds an image of shape "
+                                        r"\(32, 32, 1\), expected \(28, 28, 1\); capsem leaves it"):
+        datasets.make_dataset("mnist", "test", dataset_dir=str(mixed), batch_size=2)
+    # So is a label out of range.
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    write_image_tfrecord(labelled / "mnist_test.tfrecord", good, [1, 10, 2])
+    with pytest.raises(DataError, match=r"mnist_test.tfrecord: record 1 has label 10, "
+                                        r"expected 0..9"):
+        datasets.make_dataset("mnist", "test", dataset_dir=str(labelled))
 
 
 # ---------------------------------------------------------------- tfds (mocked)

@@ -114,3 +114,33 @@ def test_a_checkpoint_of_one_routing_is_not_resumed_with_the_other(tmp_path):
     training.train(training.TrainConfig.from_recipe("article", **common))
     with pytest.raises(ConfigError, match=r"routing='article' \(this run: 'paper'\)"):
         training.train(training.TrainConfig.from_recipe("paper", **common))
+
+
+def test_conv1_batch_norm():
+    """--conv1_batch_norm: conv (no bias) -> batch norm -> ReLU; training updates the moving
+    statistics, inference uses them (an image's output does not depend on its batch)."""
+    from capsem import nets, step
+
+    with pytest.raises(ValueError, match="conv1_batch_norm must be True or False"):
+        nets.capsules_net(A=8, B=4, C=4, D=4, conv1_batch_norm=1)
+    with pytest.raises(ConfigError, match="conv1_batch_norm must be True or False"):
+        training.TrainConfig(conv1_batch_norm="yes").validate()
+    plain = nets.capsules_net(A=8, B=4, C=4, D=4)
+    model = nets.capsules_net(A=8, B=4, C=4, D=4, routing="paper", iterations=2,
+                              conv1_batch_norm=True)
+    names = [layer.name for layer in model.layers]
+    assert names[1:4] == ["relu_conv1", "conv1_batch_norm", "conv1_relu"]
+    assert model.get_layer("relu_conv1").bias is None
+    # The conv bias (A) is replaced by the batch norm's gamma and beta (2A).
+    assert model.count_params() == plain.count_params() + 8 + 2 * 8
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (6, 28, 28, 1)).astype(np.float32)
+    bn = model.get_layer("conv1_batch_norm")
+    before = bn.moving_mean.numpy().copy()
+    train_step = step.TrainStep(model, step.make_optimizer(3e-3), iterations_per_epoch=10)
+    train_step(images, np.arange(6) % 10)
+    assert np.abs(bn.moving_mean.numpy() - before).max() > 1e-6
+    whole = model(images, training=False)[1].numpy()
+    single = model(images[:1], training=False)[1].numpy()
+    np.testing.assert_allclose(single, whole[:1], rtol=1e-4, atol=1e-6)
+    assert recipes.ARTICLE["conv1_batch_norm"] is False

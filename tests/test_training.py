@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -180,6 +181,56 @@ def test_progress_rate_is_measured_between_lines(monkeypatch):
     line = progress.line(20, 2.0, 0.5, 0.2, 3)
     assert "10.00 steps/s (240.0 images/s)" in line and line.endswith("skipped 3"), line
     assert progress.rate == 10.0
+
+
+def test_progress_lines_every_n_steps_or_t_seconds_whichever_is_later(monkeypatch):
+    """A line at most every 10 steps (at multiples of 10) and at least 10 s after the
+    previous one: fast loops log every ~10 s, slow ones every 10 steps."""
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "time", lambda: clock[0])
+
+    def logged_steps(seconds_per_step, steps, every_steps=10, every_secs=10.0):
+        clock[0] = 0.0
+        progress = training._Progress(total_steps=1000, start_step=0, batch_size=24,
+                                      every_steps=every_steps, every_secs=every_secs)
+        logged = []
+        for step in range(1, steps + 1):
+            clock[0] += seconds_per_step
+            if step == 1 or progress.due(step):  # the training loop's rule
+                progress.line(step, 1.0, 0.5, 0.2, 0)
+                logged.append(step)
+        return logged
+
+    # 8 steps/s: the step multiple of 10 at least 10 s after the previous line.
+    assert logged_steps(0.125, 260) == [1, 90, 170, 250]
+    # 1 step/s: step 10 is 9 s after step 1's line, step 20 the first 10 s after it.
+    assert logged_steps(1.0, 45) == [1, 20, 30, 40]
+    # 1 step in 2 s: every 10 steps.
+    assert logged_steps(2.0, 45) == [1, 10, 20, 30, 40]
+    # No time floor: every 10 steps however fast; every 3 steps: multiples of 3.
+    assert logged_steps(0.001, 45, every_secs=0.0) == [1, 10, 20, 30, 40]
+    assert logged_steps(0.001, 10, every_steps=3, every_secs=0.0) == [1, 3, 6, 9]
+    progress = training._Progress(1000, 0, 24, every_steps=10, every_secs=10.0)
+    assert not progress.due(5, now=0.0) and progress.due(10, now=0.0)  # no line yet: due
+
+
+def test_training_logs_progress_lines_at_the_flags_intervals(tmp_path, caplog):
+    """The loop follows --log_every_steps / --log_every_secs; the first and last step
+    always get a line."""
+    _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=24, n_test=10)
+
+    def progress_steps(name, **kwargs):
+        caplog.clear()
+        config = tiny_config(tmp_path, dataset_dir, log_dir=str(tmp_path / name), max_steps=5,
+                             eval_every_epoch=False, summary_secs=3600, histogram_secs=3600,
+                             **kwargs)
+        with caplog.at_level("INFO", logger="absl"):
+            training.train(config)
+        lines = [re.match(r"step (\d+)/5 ", r.getMessage()) for r in caplog.records]
+        return [int(m.group(1)) for m in lines if m]
+
+    assert progress_steps("every_2", log_every_steps=2, log_every_secs=0.0) == [1, 2, 4, 5]
+    assert progress_steps("hourly", log_every_steps=2, log_every_secs=3600.0) == [1, 5]
 
 
 def test_histogram_sample_strides_large_tensors():
