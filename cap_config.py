@@ -78,7 +78,17 @@ flags.DEFINE_integer("random_shift", None,
                      "(0: none). Default: the recipe's (0).", lower_bound=0)
 
 # --- training --------------------------------------------------------------
-flags.DEFINE_integer("batch_size", 24, "Training batch size (the article: 24).", lower_bound=1)
+flags.DEFINE_integer("batch_size", 24,
+                     "Training batch size (the article: 24). With --distribute it is the GLOBAL "
+                     "batch: split over all replicas of all workers, the step's loss and "
+                     "gradients are summed over all of it.", lower_bound=1)
+flags.DEFINE_enum("distribute", "none", ["none", "mirrored", "multi_worker"],
+                  "Train on several devices or machines (README, Training on several devices "
+                  "or machines): 'none' (one device), 'mirrored' (tf.distribute."
+                  "MirroredStrategy over this machine's GPUs, else its CPU devices) or "
+                  "'multi_worker' (tf.distribute.MultiWorkerMirroredStrategy over the "
+                  "processes that TF_CONFIG lists; every process runs the same command, the "
+                  "chief writes --log_dir, which must be shared to resume).")
 flags.DEFINE_integer("eval_batch_size", 100, "Evaluation batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", None,
                    "Adam learning rate. Default: the recipe's (article 1e-3, paper 3e-3).")
@@ -206,7 +216,7 @@ def config_from_flags(values):
         summary_secs=values.summary_secs, histogram_secs=values.histogram_secs,
         checkpoint_secs=values.checkpoint_secs, keep_checkpoints=values.keep_checkpoints,
         eval_every_epoch=values.eval_every_epoch, max_bad_steps=values.max_bad_steps,
-        allow_config_change=values.allow_config_change)
+        allow_config_change=values.allow_config_change, distribute=values.distribute)
 
 
 def explicit_settings(values):

@@ -3,6 +3,8 @@
     python train.py --dataset=mnist                 # train (resumes from --log_dir)
     python train.py --dataset=mnist --mode=eval     # evaluate the latest checkpoint
     tensorboard --logdir logs/mnist
+    python train.py --distribute=mirrored           # on all GPUs of this machine
+    TF_CONFIG='{...}' python train.py --distribute=multi_worker   # on every machine
 
 Flags: mnist_config.py (data) and cap_config.py (model, training); --help lists them all.
 """

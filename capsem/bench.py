@@ -49,8 +49,9 @@ def define_flags():
                          lower_bound=0)
     flags.DEFINE_integer("steps", 10, "Timed steps; the median time per step is reported.",
                          lower_bound=1)
-    flags.DEFINE_integer("iterations", 3, "EM routing iterations of every capsule layer.",
-                         lower_bound=1)
+    flags.DEFINE_integer("iterations", None,
+                         "EM routing iterations of every capsule layer. Default: the "
+                         "--recipe's (article 3, paper 2), as train.py.", lower_bound=1)
     flags.DEFINE_integer("num_classes", 10, "Number of class capsules.", lower_bound=2)
     flags.DEFINE_integer("image_size", 28, "Height and width of the (square) input images.",
                          lower_bound=13)
@@ -92,7 +93,7 @@ def peak_rss_mb():
 
 
 def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps=10,
-                  iterations=3, num_classes=10, image_size=28, channels=1, sizes=None,
+                  iterations=None, num_classes=10, image_size=28, channels=1, sizes=None,
                   stable=False, micro_batch_size=None, jit=None, intra_op_threads=0,
                   inter_op_threads=0, seed=0, routing_kernels="native", recipe="article"):
     """Builds the network, times `steps` steps after `warmup` ones, returns a result dict.
@@ -129,7 +130,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     keras.utils.set_random_seed(seed)
     abcd = dict(CONFIGS[config])
     abcd.update({k: v for k, v in (sizes or {}).items() if v is not None})
-    settings = recipes.resolve(recipe, {})
+    settings = recipes.resolve(recipe, {"iterations": iterations})
+    iterations = settings["iterations"]
     model = nets.capsules_net(num_classes=num_classes, iterations=iterations,
                               input_shape=(image_size, image_size, channels), stable=stable,
                               routing=settings["routing"],

@@ -150,24 +150,53 @@ def library_path():
     return os.path.join(cache, f"em_routing-{key.hexdigest()[:16]}.so")
 
 
+def _build(cxx, base, extra, compile_flags, link_flags, tmp):
+    """Compiles every source into an object file, all at once (one compiler process each,
+    so the cores share the work), then links them into `tmp`.
+
+    Returns:
+      None on success, else the failing command and the end of its error output.
+    """
+    objects = [f"{tmp}.{i}.o" for i in range(len(_sources()))]
+    try:
+        procs = []
+        for source, obj in zip(_sources(), objects):
+            cmd = [*cxx, *base[1:], *extra, "-c", source, "-o", obj, *compile_flags]
+            procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.PIPE, text=True)))
+        failed = None
+        for cmd, proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0 and failed is None:
+                failed = f"$ {' '.join(cmd)}\n{err[-2000:]}"
+        if failed:
+            return failed
+        cmd = [*cxx, *base, *extra, *objects, "-o", tmp, *link_flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        return None if proc.returncode == 0 else f"$ {' '.join(cmd)}\n{proc.stderr[-2000:]}"
+    finally:
+        for obj in objects:
+            if os.path.exists(obj):
+                os.remove(obj)
+
+
 def _compile(path):
     cxx = choose_compiler()
-    base, arch, compile_flags, link_flags = _flags()
+    base, arch, compile_flags, link_flags = _flags()  # base[0] is -shared: linking only
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
-    log.warning("capsem: compiling the native EM routing kernels (once, about 10 s) into %s",
+    log.warning("capsem: compiling the native EM routing kernels (once, about 30-60 s) into %s",
                 path)
     errors = []
     try:
         # Without -mno-avx512fp16 if the compiler does not know the flag; then without -march.
         for extra in (arch, arch[:1], []):
-            cmd = [*cxx, *base, *extra, *_sources(), "-o", tmp, *compile_flags, *link_flags]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode == 0:
+            error = _build(cxx, base, extra, compile_flags, link_flags, tmp)
+            if error is None:
                 os.replace(tmp, path)  # atomic: concurrent builds do not see half a file
                 return
-            errors.append(f"$ {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+            errors.append(error)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

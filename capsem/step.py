@@ -91,17 +91,31 @@ class TrainStep:
       margin_fn: the margin schedule, `step -> margin` (see
         `capsem.losses.make_margin_schedule`); None: the article's schedule
         with `iterations_per_epoch`.
+      strategy: None (one device, the default), or a `tf.distribute.Strategy`
+        (`MirroredStrategy`, `MultiWorkerMirroredStrategy`) whose scope
+        created the model's variables, the optimizer and `global_step`; the
+        step is then built in that scope (the optimizer's variables). Each call
+        takes the GLOBAL batch: replica r of R gets examples
+        `[r * N // R, (r + 1) * N // R)` of it (every process of a
+        multi-worker run passes the same global batch), the summed losses and
+        gradients are all-reduced over the replicas, then clipped and applied
+        once, and `global_step` counts global steps. Call the step outside
+        the strategy's scope.
 
     Calling the step with `(images (N, H, W, C) float32, labels (N,) int)`
     returns a dict of scalar tensors: `loss` (summed over the batch, the
     article's loss), `margin`, `correct` (number of correct predictions),
     `grad_norm` (global norm before clipping) and `finite` (False if the step
-    was skipped because the loss or a gradient was NaN or infinite).
+    was skipped because the loss or a gradient was NaN or infinite). With a
+    strategy, the call also takes `signals`, a float vector that is summed over
+    all replicas with the step's sums and returned as `signals` (the trainer's
+    stop and save requests, so that every worker acts on them at the same
+    step).
     """
 
     def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
                  micro_batch_size=None, jit_compile=True, global_step=None,
-                 routing_kernels="native", margin_fn=None):
+                 routing_kernels="native", margin_fn=None, strategy=None):
         if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, "
@@ -118,8 +132,14 @@ class TrainStep:
         self.global_step = global_step if global_step is not None else tf.Variable(
             0, dtype=tf.int64, trainable=False, name="global_step")
         self.variables = list(model.trainable_variables)
-        optimizer.build(self.variables)
-        self._step = _compile(self._train_step, jit_compile, routing_kernels)
+        self.strategy = strategy
+        if strategy is None:
+            optimizer.build(self.variables)
+            self._step = _compile(self._train_step, jit_compile, routing_kernels)
+        else:
+            with strategy.scope():
+                optimizer.build(self.variables)
+            self._step = _compile(self._distributed_train_step, jit_compile, routing_kernels)
         self._grads = _compile(self._loss_and_grads, jit_compile, routing_kernels)
 
     def _chunks(self, images, labels):
@@ -163,9 +183,70 @@ class TrainStep:
         return {"loss": loss, "margin": margin, "correct": correct,
                 "grad_norm": grad_norm, "finite": finite}
 
-    def __call__(self, images, labels):
-        return self._step(tf.convert_to_tensor(images, tf.float32),
-                          tf.convert_to_tensor(labels))
+    def _distributed_train_step(self, images, labels, signals):
+        """`_train_step` over the replicas of `self.strategy` (images, labels: PerReplica).
+
+        Runs outside the strategy's scope: the reduction, the clipping and the
+        update run in the default context on the summed gradients (Keras'
+        optimizer then updates every copy of the mirrored variables, and its own
+        all-reduce is a no-op there); the replica function does the sums.
+        """
+        strategy = self.strategy
+        margin = self.margin_fn(self.global_step)
+
+        def replica_step(x, y, margin, signals):
+            loss, correct, grads = self._loss_and_grads(x, y, margin)
+            # (tf.identity places the replica's copy of `signals` on its device.)
+            sums = [loss, tf.cast(correct, tf.float32), tf.identity(signals)] + list(grads)
+            return tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, sums)
+
+        sums = strategy.run(replica_step, args=(images, labels, margin, signals))
+        # Every replica holds the same sums after the all-reduce: take this process's first.
+        loss, correct, signals, *grads = [strategy.experimental_local_results(v)[0]
+                                          for v in sums]
+        correct = tf.cast(tf.round(correct), tf.int32)
+        finite = tf.math.is_finite(loss)
+        for g in grads:
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
+        grad_norm = tf.linalg.global_norm(grads)
+
+        def apply():
+            self.optimizer.apply(clip_per_variable(grads, self.clip_norm), self.variables)
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        self.global_step.assign_add(1)
+        return {"loss": loss, "margin": margin, "correct": correct,
+                "grad_norm": grad_norm, "finite": finite, "signals": signals}
+
+    def distribute_batch(self, images, labels):
+        """The global batch `(images, labels)` as PerReplica values: replica r's slice.
+
+        Replica r of R (its id in the sync group, over all workers) gets
+        examples `[r * N // R, (r + 1) * N // R)` of the N in the batch, so the
+        replicas together see the global batch once, in its order.
+        """
+        images = tf.convert_to_tensor(images, tf.float32)
+        labels = tf.convert_to_tensor(labels)
+        size = int(images.shape[0])
+        replicas = self.strategy.num_replicas_in_sync
+        bounds = [r * size // replicas for r in range(replicas + 1)]
+
+        def replica_slice(context):
+            r = context.replica_id_in_sync_group
+            return images[bounds[r]:bounds[r + 1]], labels[bounds[r]:bounds[r + 1]]
+
+        return self.strategy.experimental_distribute_values_from_function(replica_slice)
+
+    def __call__(self, images, labels, signals=None):
+        if self.strategy is None:
+            return self._step(tf.convert_to_tensor(images, tf.float32),
+                              tf.convert_to_tensor(labels))
+        per_replica_images, per_replica_labels = self.distribute_batch(images, labels)
+        signals = tf.zeros([1], tf.float32) if signals is None else tf.convert_to_tensor(
+            signals, tf.float32)
+        return self._step(per_replica_images, per_replica_labels, signals)
 
     def loss_and_grads(self, images, labels, margin):
         """The loss and raw (unclipped) gradients, without updating anything."""

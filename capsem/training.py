@@ -10,8 +10,14 @@ non-finite steps and a clean stop on SIGINT / SIGTERM.
 
 `evaluate(config)` evaluates a checkpoint on the test set (accuracy, loss,
 confusion matrix).
+
+`TrainConfig.distribute` trains on several devices (`tf.distribute.MirroredStrategy`)
+or processes (`tf.distribute.MultiWorkerMirroredStrategy`, configured by
+`TF_CONFIG`) with the same arithmetic on the global batch (see
+`capsem.step.TrainStep`); "none", the default, is the one-device loop.
 """
 
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -58,6 +64,9 @@ MODEL_KEYS = ARCHITECTURE_KEYS + (
 
 CONFIG_FILE = "config.json"
 
+#: The values of `TrainConfig.distribute`.
+DISTRIBUTE_MODES = ("none", "mirrored", "multi_worker")
+
 #: The key of config.json that lists the settings changed on resume
 #: (`allow_config_change`, optimizer hyper-parameters), with the step where
 #: each change began.
@@ -78,7 +87,8 @@ class TrainConfig:
       source_dir: directory of the MNIST IDX .gz files the TFRecords are made
         from on first use (None: do not convert).
       log_dir: checkpoints, summaries and the saved config go here.
-      batch_size: training batch size (the article: 24).
+      batch_size: training batch size (the article: 24); with `distribute`, the
+        GLOBAL batch, split over all replicas (of all workers).
       eval_batch_size: batch size of evaluation.
       iterations: EM routing iterations.
       A, B, C, D: channels of relu_conv1 and capsule types of primary_caps,
@@ -132,6 +142,12 @@ class TrainConfig:
       allow_config_change: resume a log_dir whose config.json has other values
         of `COMPUTATION_KEYS` (each change is logged and recorded); without it
         such a resume stops with an error listing the differences.
+      distribute: "none" (one device, the default), "mirrored"
+        (`tf.distribute.MirroredStrategy` over this machine's GPUs, else its
+        logical CPU devices) or "multi_worker"
+        (`tf.distribute.MultiWorkerMirroredStrategy` over the processes that
+        `TF_CONFIG` lists; the chief writes the log_dir, which the other
+        workers read to resume). See `make_strategy`.
     """
 
     dataset: str = "mnist"
@@ -178,6 +194,7 @@ class TrainConfig:
     eval_every_epoch: bool = True
     max_bad_steps: int = 10
     allow_config_change: bool = False
+    distribute: str = "none"
 
     def validate(self):
         """Raises ConfigError with a one-line message for an invalid value."""
@@ -197,6 +214,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0 (0: no limit), got {value!r}")
+        if self.distribute not in DISTRIBUTE_MODES:
+            raise ConfigError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}, "
+                              f"got {self.distribute!r}")
         if self.routing_kernels not in step_lib.ROUTING_KERNELS:
             raise ConfigError(f"routing_kernels must be one of {step_lib.ROUTING_KERNELS}, "
                               f"got {self.routing_kernels!r}")
@@ -447,6 +467,49 @@ def learning_rate(config):
     # IBM's implementation: tf.train.exponential_decay, not staircased.
     return keras.optimizers.schedules.ExponentialDecay(
         config.learning_rate, config.lr_decay_steps, config.lr_decay_rate)
+
+
+def make_strategy(distribute):
+    """The `tf.distribute.Strategy` of `TrainConfig.distribute` (None for "none").
+
+    "mirrored": `MirroredStrategy` over this machine's GPUs, or where there
+    is none over its logical CPU devices (one, unless
+    `tf.config.set_logical_device_configuration` made more). "multi_worker":
+    `MultiWorkerMirroredStrategy` over the cluster that the `TF_CONFIG`
+    environment variable describes (every process runs the same command with
+    its own `TF_CONFIG`); it must be created before TensorFlow runs any
+    operation, so `train` creates it first.
+    """
+    if distribute == "none":
+        return None
+    if distribute == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if distribute == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            logging.warning("distribute=multi_worker without TF_CONFIG: one worker, this process")
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"distribute=multi_worker: cannot start the strategy "
+                              f"({_first_line(e)}); check TF_CONFIG") from None
+    raise ConfigError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}, "
+                      f"got {distribute!r}")
+
+
+def is_chief(strategy):
+    """Whether this process writes the log_dir: always without a multi-worker cluster.
+
+    In a `TF_CONFIG` cluster the chief is the task of type "chief", or worker 0
+    when the cluster has no "chief" task (the usual `tf.distribute` rule).
+    """
+    resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (resolver.task_type == "worker" and resolver.task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
 
 
 class _Progress:
@@ -776,8 +839,14 @@ def _new_window():
 class _Trainer:
     """State of one training run (see `train`)."""
 
-    def __init__(self, config, num_train):
+    def __init__(self, config, num_train, strategy=None):
         self.config = config
+        self.strategy = strategy
+        self.is_chief = is_chief(strategy)
+        # A distributed run's workers stop together, at the first step whose all-reduced
+        # signals show a stop request (`capsem.step.TrainStep`'s `signals`).
+        self._stop_agreed = False
+        self.write_dir = config.log_dir
         self.info = datasets.get_info(config.dataset)
         self.num_train = num_train
         self.steps_per_epoch = math.ceil(num_train / config.batch_size)
@@ -803,16 +872,22 @@ class _Trainer:
                     "imported for bit-identical reruns and resumes (train.py --deterministic "
                     "does)")
         keras.utils.set_random_seed(config.seed)
-        self.model = build_model(config, self.info)
-        self.optimizer = step_lib.make_optimizer(learning_rate(config), config.adam_epsilon)
-        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        # With a strategy, the variables are mirrored over its replicas (created in its scope).
+        scope = self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        with scope:
+            self.model = build_model(config, self.info)
+            self.optimizer = step_lib.make_optimizer(learning_rate(config), config.adam_epsilon)
+            self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                           name="global_step")
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
         kwargs = {}
         if config.micro_batch_size is not None:
             kwargs["micro_batch_size"] = config.micro_batch_size
         else:
             kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(
                 config.routing, config.jit_compile, config.routing_kernels)
+        if self.strategy is not None:
+            kwargs["strategy"] = self.strategy
         self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
                                           clip_norm=config.clip_norm,
                                           jit_compile=config.jit_compile,
@@ -824,20 +899,63 @@ class _Trainer:
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               global_step=self.global_step,
                                               skipped_steps=self.skipped)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, config.log_dir,
+        if not self.is_chief:
+            # Another worker of a multi-worker run saves with the chief (saving may take
+            # part in collective operations) but into a directory of its own, deleted at
+            # the end (`close`); it restores from the chief's log_dir.
+            self.write_dir = tempfile.mkdtemp(prefix="capsem-worker-")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir,
                                                   max_to_keep=config.keep_checkpoints,
                                                   checkpoint_name="ckpt")
         candidates = checkpoint_candidates(config.log_dir)
         restored = _restore_checkpoint(self.checkpoint, candidates, config.log_dir)
         self.resumed_from = restored
         listed = dict(candidates).get(restored, True)
-        _remove_orphan_checkpoint_files(config.log_dir, self.manager, only_temporary=not listed)
+        if self.is_chief:
+            _remove_orphan_checkpoint_files(config.log_dir, self.manager,
+                                            only_temporary=not listed)
         if restored:
             logging.info("Resumed from %s at step %d", restored, int(self.global_step.numpy()))
             self._apply_optimizer_settings()
         else:
             logging.info("No checkpoint in %s: starting from scratch", config.log_dir)
-        self.writer = tf.summary.create_file_writer(config.log_dir)
+        if config.distribute == "multi_worker":
+            self._check_workers_agree()
+        if self.is_chief:
+            self.writer = tf.summary.create_file_writer(config.log_dir)
+        else:
+            self.writer = tf.summary.create_noop_writer()
+
+    def _check_workers_agree(self):
+        """Stops a multi-worker run whose workers restored different global steps.
+
+        Each worker restores from the log_dir it is given, which must be the
+        chief's (a shared directory); one that found another checkpoint, or
+        none, would train other weights. The steps' sum and sum of squares over
+        the replicas tell every worker alike whether they all agree.
+        """
+        strategy = self.strategy
+        local = float(self.global_step.numpy())
+
+        @tf.function
+        def sums(value):
+            def replica(value):
+                return tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, tf.stack([value, value * value]))
+            return strategy.experimental_local_results(strategy.run(replica, args=(value,)))[0]
+
+        total, squares = (int(round(v)) for v in sums(tf.constant(local, tf.float64)).numpy())
+        replicas = strategy.num_replicas_in_sync
+        if replicas * squares != total * total:
+            raise CheckpointError(
+                f"the workers restored different global steps (this one: {int(local)} from "
+                f"--log_dir {self.config.log_dir}; mean {total / replicas:g}): to resume, every "
+                f"worker must be given the chief's --log_dir, a directory they all share")
+
+    def close(self):
+        """Deletes a non-chief worker's checkpoint directory (`setup`)."""
+        if not self.is_chief and self.write_dir != self.config.log_dir:
+            shutil.rmtree(self.write_dir, ignore_errors=True)
 
     def _apply_optimizer_settings(self):
         """Gives the optimizer this run's hyper-parameters after a restore.
@@ -862,7 +980,8 @@ class _Trainer:
                 f"ckpt-{step}"):
             return self.manager.latest_checkpoint
         path = self.manager.save(checkpoint_number=step)
-        logging.info("Saved checkpoint %s (%s)", path, reason)
+        if self.is_chief:
+            logging.info("Saved checkpoint %s (%s)", path, reason)
         return path
 
     def train_dataset(self, epoch, skip):
@@ -913,11 +1032,21 @@ class _Trainer:
         first_summary = True
         last_test = None
 
-        while not (self.total_steps and step >= self.total_steps) and not stop.received:
+        while not (self.total_steps and step >= self.total_steps) and not self._stopping(stop):
             epoch, offset = divmod(step, self.steps_per_epoch)
             pass_start = step
             for images, labels in self.train_dataset(epoch, offset):
-                out = self.step_fn(images, labels)
+                if self.strategy is None:
+                    out = self.step_fn(images, labels)
+                else:
+                    # Every worker acts on the all-reduced requests: a stop (a signal to any
+                    # worker) and a periodic save (the chief's clock), at the same step.
+                    out = self.step_fn(images, labels, [
+                        1.0 if stop.received else 0.0,
+                        1.0 if self.is_chief and time.time() - last_ckpt >= config.checkpoint_secs
+                        else 0.0])
+                    signals = out["signals"].numpy()
+                    self._stop_agreed = self._stop_agreed or bool(signals[0] > 0)
                 loss = float(out["loss"])
                 step = int(self.global_step.numpy())
                 if bool(out["finite"]):
@@ -933,7 +1062,7 @@ class _Trainer:
                 history["steps"].append(step)
                 now = time.time()
                 if (progress.due(step, now) or step == start_step + 1
-                        or step == self.total_steps or stop.received):
+                        or step == self.total_steps or self._stopping(stop)):
                     logging.info(progress.line(
                         step, window["loss"] / max(window["examples"], 1),
                         window["correct"] / max(window["examples"], 1),
@@ -943,13 +1072,16 @@ class _Trainer:
                     window = _new_window()
                     last_summary = now
                     if first_summary or now - last_hist >= config.histogram_secs:
-                        self.write_histograms(images, step)
+                        if self.is_chief:
+                            self.write_histograms(images, step)
                         last_hist = now
                     first_summary = False
-                if now - last_ckpt >= config.checkpoint_secs and consecutive_bad == 0:
+                save_due = (now - last_ckpt >= config.checkpoint_secs if self.strategy is None
+                            else bool(signals[1] > 0))
+                if save_due and consecutive_bad == 0:
                     self.save("periodic")
                     last_ckpt = time.time()
-                if stop.received or (self.total_steps and step >= self.total_steps):
+                if self._stopping(stop) or (self.total_steps and step >= self.total_steps):
                     break
             if step == pass_start:  # a pass without a batch would repeat forever
                 raise DataError(
@@ -957,32 +1089,38 @@ class _Trainer:
                     f"{epoch + 1} after skipping {offset} batches of {config.batch_size} "
                     f"({self.num_train} training examples expected, {self.steps_per_epoch} "
                     f"steps per epoch)")
-            if stop.received:
+            if self._stopping(stop):
                 break
             if step % self.steps_per_epoch == 0:
                 if consecutive_bad == 0:  # a bad streak keeps the last good checkpoint
                     self.save(f"end of epoch {step // self.steps_per_epoch}")
                     last_ckpt = time.time()
-                if config.eval_every_epoch:
+                if config.eval_every_epoch and self.is_chief:
                     last_test = self.evaluate_and_log(step)
                     history["test"].append((step, last_test["accuracy"]))
 
         self._write_scalars(step, out, window)
-        if stop.received:
-            self.save(f"stopped by {stop.received}")
+        stopped_by = stop.received
+        if self._stopping(stop):
+            stopped_by = stopped_by or "a signal to another worker"
+            self.save(f"stopped by {stopped_by}")
             logging.info("Stopped by %s at step %d; the checkpoint is saved: run the same "
-                         "command again to resume", stop.received, step)
+                         "command again to resume", stopped_by, step)
         else:
             self.save("end of training")
-            if config.eval_every_epoch and (last_test is None or
-                                            history["test"][-1][0] != step):
+            if config.eval_every_epoch and self.is_chief and (
+                    last_test is None or history["test"][-1][0] != step):
                 last_test = self.evaluate_and_log(step)
                 history["test"].append((step, last_test["accuracy"]))
         self.writer.flush()
-        return {"step": step, "stopped_by": stop.received, "history": history,
+        return {"step": step, "stopped_by": stopped_by, "history": history,
                 "test": last_test, "skipped_steps": int(self.skipped.numpy()),
-                "checkpoint": self.manager.latest_checkpoint,
+                "checkpoint": self.manager.latest_checkpoint if self.is_chief else None,
                 "steps_per_sec": progress.rate}
+
+    def _stopping(self, stop):
+        """Whether the run stops: a signal to this process, or, distributed, to any worker."""
+        return self._stop_agreed if self.strategy is not None else stop.received
 
     def _skipped_step(self, step, loss, consecutive_bad):
         """Counts and reports a step skipped for a non-finite loss or gradient."""
@@ -1039,30 +1177,58 @@ def train(config):
       TrainingError: too many consecutive non-finite steps.
     """
     config.validate()
+    # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any operation.
+    strategy = make_strategy(config.distribute)
+    chief = is_chief(strategy)
+    if strategy is not None:
+        _log_strategy(config.distribute, strategy, chief, config.batch_size)
     with _StopSignal() as stop:
         # Read-only checks first: bad input stops the run before anything is written.
         saved = read_saved_config(config.log_dir)
         compare_with_saved_config(config, saved, bool(checkpoint_candidates(config.log_dir)))
         num_train, _ = prepare_data(config)
-        _ensure_writable_dir(config.log_dir)
-        with LogDirLock(config.log_dir):
+        if chief:
+            _ensure_writable_dir(config.log_dir)
+        # Only the chief writes the log_dir (the other workers of a multi-worker run read it).
+        with LogDirLock(config.log_dir) if chief else contextlib.nullcontext():
             saved = read_saved_config(config.log_dir)  # again, now that no one else writes
             changes = compare_with_saved_config(config, saved,
                                                 bool(checkpoint_candidates(config.log_dir)))
-            trainer = _Trainer(config, num_train)
-            trainer.setup()
-            record = config.to_dict()
-            record[CHANGES_KEY] = list(saved.get(CHANGES_KEY, [])) if (
-                saved and trainer.resumed_from) else []
-            step = int(trainer.global_step.numpy())
-            for key, old, new in changes:
-                logging.info("Resuming with %s=%r (was %r) from step %d", key, new, old, step)
-                record[CHANGES_KEY].append({"step": step, "setting": key, "saved": old,
-                                            "new": new})
-            _write_json_atomically(os.path.join(config.log_dir, CONFIG_FILE), record)
-            logging.info("Training %s on %s: %d steps per epoch, iterations_per_epoch %d "
-                         "(margin schedule), %s", config.dataset, config.data_source,
-                         trainer.steps_per_epoch, trainer.iterations_per_epoch,
-                         f"until step {trainer.total_steps}" if trainer.total_steps
-                         else "no step limit")
-            return trainer.run(stop)
+            trainer = _Trainer(config, num_train, strategy)
+            try:
+                trainer.setup()
+                record = config.to_dict()
+                record[CHANGES_KEY] = list(saved.get(CHANGES_KEY, [])) if (
+                    saved and trainer.resumed_from) else []
+                step = int(trainer.global_step.numpy())
+                for key, old, new in changes:
+                    logging.info("Resuming with %s=%r (was %r) from step %d", key, new, old,
+                                 step)
+                    record[CHANGES_KEY].append({"step": step, "setting": key, "saved": old,
+                                                "new": new})
+                if chief:
+                    _write_json_atomically(os.path.join(config.log_dir, CONFIG_FILE), record)
+                logging.info("Training %s on %s: %d steps per epoch, iterations_per_epoch %d "
+                             "(margin schedule), %s", config.dataset, config.data_source,
+                             trainer.steps_per_epoch, trainer.iterations_per_epoch,
+                             f"until step {trainer.total_steps}" if trainer.total_steps
+                             else "no step limit")
+                return trainer.run(stop)
+            finally:
+                trainer.close()
+
+
+def _log_strategy(distribute, strategy, chief, batch_size):
+    """Logs the replicas of a distributed run and how the global batch is split."""
+    name = {"mirrored": "MirroredStrategy",
+            "multi_worker": "MultiWorkerMirroredStrategy"}.get(distribute, distribute)
+    replicas = strategy.num_replicas_in_sync
+    resolver = getattr(strategy, "cluster_resolver", None)
+    where = (f"worker {resolver.task_type}:{resolver.task_id}"
+             if resolver is not None and resolver.task_type else "one process")
+    logging.info("%s: %d replicas in sync (%s, %s), global batch %d, %s per replica",
+                 name, replicas, where,
+                 "chief: writes the log_dir" if chief else "not the chief: writes nothing",
+                 batch_size, "/".join(str((r + 1) * batch_size // replicas
+                                          - r * batch_size // replicas)
+                                      for r in range(replicas)))

@@ -36,6 +36,10 @@ NAMES = ["poses", "activations", "d poses", "d activations", "d w", "d beta_v", 
     (2, (2, 5, 5, 2), 1, {"variance_floor": 1e-2}),          # one iteration: no E-step
     ("class", (3, 3, 3, 4), 3, {}),                          # coordinate addition
     ("class", (2, 2, 4, 3), 4, {"assignment_gradient": False}),
+    # N >= 2 x threads (2 here, 16 at most on CI-like machines): one task per example,
+    # votes formed once per example (em_routing_paper.cc); smaller N: phase by phase.
+    (2, (33, 5, 5, 2), 2, {}),
+    ("class", (33, 2, 2, 3), 3, {}),
 ])
 def test_native_paper_matches_tensorflow_ops(kind, shape, iterations, options):
     """Outputs and every gradient of the native ops, eagerly and in a tf.function, against

@@ -27,8 +27,7 @@
 // Unlike the article's routing, the E-step of a conv layer couples the
 // output positions of one example: a child's assignments are normalised over
 // every (position, type) whose window holds it. Each iteration is therefore
-// a sequence of phases, each parallel over the M problems or the N examples
-// (TensorFlow's intra-op thread pool):
+// a sequence of phases, per problem m or per example n:
 //
 //   forward, iteration t
 //     A (per m): rr_t (the normalised E-step output of t - 1, or the initial
@@ -45,6 +44,21 @@
 //     R (per n): per child, sum over its slots of rr_t * d rr_t
 //     V (per m): the vote gradient of every iteration from its factors, then
 //        d poses and d w (or d votes)
+//
+// Two schedules run these phases on TensorFlow's intra-op thread pool, with
+// the same numbers (each phase of each m or n does the same operations in the
+// same order, and the reduction of d w over m goes to fixed chunks, see
+// EmRoutingPaperGradOp):
+//   by example (N >= 2 * threads, see PaperBase::ByExample): one ParallelFor
+//     per op over the examples (the gradient: over its chunks of whole
+//     examples), each task running every phase of its examples in turn, so
+//     no thread waits for the others between phases; one example's votes
+//     (P*I*O Vecs) are formed once into a per-thread buffer and reused by
+//     every phase when they fit in kVoteCacheBytes (else formed again per
+//     phase and problem, as below);
+//   by phase (fewer examples): one ParallelFor per phase, over the M problems
+//     (A, B), the N examples (R) or the chunks (V), the votes formed again in
+//     each phase of each problem.
 //
 // The arithmetic follows capsem.paper_routing.m_step_paper / e_step_paper
 // (the M-step's sums divided by R_j + eps, the variance floor, the cost
@@ -221,12 +235,13 @@ struct ForwardBuffers {
   float* slot_sum;   // (M, I): sum_o exp(zz - max)
 };
 
-// Phase A of iteration t for problem m (see the top of the file).
+// Phase A of iteration t for problem m (see the top of the file). votes: the
+// problem's (O, I) votes if already formed, else (null) formed into s->votes.
 void ForwardPhase(const PaperProblem& pp, const float* src, const float* a, int64_t m, int t,
-                  const ForwardBuffers& fb, PaperScratch* s) {
+                  const ForwardBuffers& fb, PaperScratch* s, const Vec* votes = nullptr) {
   const Problem& pb = pp.pb;
   const int64_t I = pb.I, O = pb.O, M = pp.N * pp.P, i_pad = s->i_pad;
-  const Vec* v = VotesOfProblem(pb, src, m, s->votes.data());  // (O, I) Vecs
+  const Vec* v = votes ? votes : VotesOfProblem(pb, src, m, s->votes.data());  // (O, I) Vecs
   LoadActivations(s, a + m * I);
   if (t == 0) {
     LoadAssignments(pp, m, nullptr, s);
@@ -357,15 +372,16 @@ struct BackwardBuffers {
 // The vote gradient of iteration t is rr' mfac + dev (rr' ufac + q / var) with
 // mfac = d mean / D and ufac = 2 d var / D, which phase V forms from the
 // saved factors; phase B writes d rr_t into g_rr and sum_o rr_t d rr_t into
-// slot_dot (for phase R before phase B of t - 1).
+// slot_dot (for phase R before phase B of t - 1). votes: as in ForwardPhase.
 void BackwardPhase(const PaperProblem& pp, const float* src, const float* a, int64_t m, int t,
-                   bool assignment_gradient, const BackwardBuffers& bb, PaperScratch* s) {
+                   bool assignment_gradient, const BackwardBuffers& bb, PaperScratch* s,
+                   const Vec* votes = nullptr) {
   const Problem& pb = pp.pb;
   const int64_t I = pb.I, O = pb.O, M = pp.N * pp.P, i_pad = s->i_pad;
   const int T = pb.T;
   const bool last = t == T - 1;
   const float lam = pb.lams[t];
-  const Vec* v = VotesOfProblem(pb, src, m, s->votes.data());  // (O, I) Vecs
+  const Vec* v = votes ? votes : VotesOfProblem(pb, src, m, s->votes.data());  // (O, I) Vecs
   LoadActivations(s, a + m * I);
   LoadAssignments(pp, m, t > 0 ? bb.saved_rr + ((t - 1) * M + m) * O * I : nullptr, s);
   WeightedRows(s);
@@ -490,13 +506,15 @@ void SumOverParents(const Children& ch, int64_t n, int64_t slots, float* slot_do
 
 // Phase V for problem m: the vote gradient (O, I) Vecs into s->gv,
 //   d V = sum_t rr'_t mfac_t + (V - mean_t) (rr'_t ufac_t + q_t / var_t)
-// over the iterations whose gradient flows (all, or the last).
+// over the iterations whose gradient flows (all, or the last). votes: as in
+// ForwardPhase.
 void VoteGradient(const PaperProblem& pp, const float* src, const float* a, int64_t m,
-                  int t_first, const BackwardBuffers& bb, PaperScratch* s) {
+                  int t_first, const BackwardBuffers& bb, PaperScratch* s,
+                  const Vec* votes = nullptr) {
   const Problem& pb = pp.pb;
   const int64_t I = pb.I, O = pb.O, M = pp.N * pp.P;
   const int T = pb.T;
-  const Vec* v = VotesOfProblem(pb, src, m, s->votes.data());  // (O, I) Vecs
+  const Vec* v = votes ? votes : VotesOfProblem(pb, src, m, s->votes.data());  // (O, I) Vecs
   Vec* gv = s->gv.data();  // (O, I)
   for (int64_t j = 0; j < I * O; ++j) gv[j] = Splat(0.0f);
   LoadActivations(s, a + m * I);
@@ -523,6 +541,9 @@ void VoteGradient(const PaperProblem& pp, const float* src, const float* a, int6
     }
   }
 }
+
+// The largest per-thread buffer of one example's votes (see PaperBase::CacheVotes).
+constexpr int64_t kVoteCacheBytes = int64_t{4} << 20;
 
 // Checks the inputs and fills pp (w transposed into wt).
 class PaperBase : public OpKernel {
@@ -582,6 +603,21 @@ class PaperBase : public OpKernel {
     });
   }
 
+  // Whether to route example by example (all phases of one example in one
+  // task, one ParallelFor per op) rather than phase by phase (a ParallelFor
+  // per phase over the problems or the examples): with enough examples to
+  // keep every thread busy. The numbers are the same either way.
+  static bool ByExample(OpKernelContext* ctx, int64_t N) {
+    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    return N >= 2 * std::max(1, pool->NumThreads());
+  }
+
+  // Whether one example's votes (P*I*O Vecs) are kept in a per-thread buffer
+  // by the example-by-example schedule, rather than formed again in every phase.
+  static bool CacheVotes(const PaperProblem& pp) {
+    return pp.P * pp.pb.I * pp.pb.O * static_cast<int64_t>(sizeof(Vec)) <= kVoteCacheBytes;
+  }
+
   std::vector<float> lams_;  // one inverse temperature per iteration
   float floor_;
   int64_t positions_, num_sources_;
@@ -612,18 +648,41 @@ class EmRoutingPaperOp : public PaperBase {
     ForwardBuffers fb{stats->flat<float>().data(), saved_rr->flat<float>().data(),
                       slot_max.data(), slot_sum.data()};
     const int64_t cost = I * O * 16 * 40;
-    for (int t = 0; t < T; ++t) {
-      Parallel(ctx, M, cost, [&](int64_t begin, int64_t end) {
+    if (ByExample(ctx, pp.N)) {
+      const int64_t P = pp.P;
+      const bool cache = CacheVotes(pp);
+      Parallel(ctx, pp.N, cost * T * P, [&](int64_t begin, int64_t end) {
         PaperScratch s(pp, /*backward=*/false);
-        for (int64_t m = begin; m < end; ++m) ForwardPhase(pp, src, a, m, t, fb, &s);
-      });
-      if (t == T - 1) break;
-      Parallel(ctx, pp.N, slots * 40, [&](int64_t begin, int64_t end) {
+        VecBuffer votes(cache ? P * I * O : 0);  // (P, O, I) Vecs
         std::vector<float> child_max, child_sum;
-        for (int64_t n = begin; n < end; ++n)
-          NormaliseOverParents(pp.children, n, slots, fb.slot_max, fb.slot_sum, &child_max,
-                               &child_sum);
+        for (int64_t n = begin; n < end; ++n) {
+          if (cache)
+            for (int64_t p = 0; p < P; ++p)
+              VotesOfProblem(pp.pb, src, n * P + p, votes.data() + p * I * O);
+          for (int t = 0; t < T; ++t) {
+            for (int64_t p = 0; p < P; ++p)
+              ForwardPhase(pp, src, a, n * P + p, t, fb, &s,
+                           cache ? votes.data() + p * I * O : nullptr);
+            if (t == T - 1) break;
+            NormaliseOverParents(pp.children, n, slots, fb.slot_max, fb.slot_sum, &child_max,
+                                 &child_sum);
+          }
+        }
       });
+    } else {
+      for (int t = 0; t < T; ++t) {
+        Parallel(ctx, M, cost, [&](int64_t begin, int64_t end) {
+          PaperScratch s(pp, /*backward=*/false);
+          for (int64_t m = begin; m < end; ++m) ForwardPhase(pp, src, a, m, t, fb, &s);
+        });
+        if (t == T - 1) break;
+        Parallel(ctx, pp.N, slots * 40, [&](int64_t begin, int64_t end) {
+          std::vector<float> child_max, child_sum;
+          for (int64_t n = begin; n < end; ++n)
+            NormaliseOverParents(pp.children, n, slots, fb.slot_max, fb.slot_sum, &child_max,
+                                 &child_sum);
+        });
+      }
     }
     // The outputs: mean and act of the last M-step.
     const float* last = fb.stats + (T - 1) * M * O * kPaperStat;  // (M, O, kPaperStat)
@@ -684,43 +743,78 @@ class EmRoutingPaperGradOp : public PaperBase {
                        ctx->input(8).flat<float>().data(), ctx->input(9).flat<float>().data(),
                        g_rr.data(), slot_dot.data(), q.data(), factors.data(), g_a_p,
                        g_beta.data()};
-    const int64_t cost = I * O * 16 * 40;
-    for (int t = T - 1; t >= t_first; --t) {
-      Parallel(ctx, M, cost, [&](int64_t begin, int64_t end) {
-        PaperScratch s(pp, /*backward=*/false);
-        for (int64_t m = begin; m < end; ++m)
-          BackwardPhase(pp, src, a, m, t, assignment_gradient_, bb, &s);
-      });
-      if (with_e && t > 0)
-        Parallel(ctx, pp.N, slots * 10, [&](int64_t begin, int64_t end) {
-          std::vector<float> child_dot;
-          for (int64_t n = begin; n < end; ++n)
-            SumOverParents(pp.children, n, slots, bb.slot_dot, &child_dot);
-        });
-    }
-    // Phase V: the vote gradients. Reductions over m (d w) go to one
-    // accumulator per fixed chunk of problems, summed in chunk order: the
-    // result depends neither on timing nor on the number of threads.
-    const int64_t chunks = std::min<int64_t>(M, kGradChunks);
+    const int64_t cost = I * O * 16 * 40, P = pp.P, N = pp.N;
+    // Reductions over m (d w) go to one accumulator per fixed chunk of
+    // problems, summed in chunk order: the result depends neither on timing
+    // nor on the number of threads. With several examples the chunks hold
+    // whole examples (chunk c: examples [N c / chunks, N (c + 1) / chunks)),
+    // else problems (chunk c: [M c / chunks, M (c + 1) / chunks)).
+    const bool example_chunks = N >= 2;
+    const int64_t chunks = std::min<int64_t>(example_chunks ? N : M, kGradChunks);
+    auto chunk_begin = [&](int64_t c) {  // the first problem of chunk c
+      return example_chunks ? P * (N * c / chunks) : M * c / chunks;
+    };
     std::vector<float> acc_w(chunks * wsize, 0.0f);
+    // Phase V of problem m of chunk c (s->gv from the votes, cached or not).
+    auto vote_gradient = [&](int64_t m, int64_t c, PaperScratch* s, const Vec* votes) {
+      VoteGradient(pp, src, a, m, t_first, bb, s, votes);
+      if (pb.from_poses) {
+        PoseGradients(pb, src + m * I * 16, s->gv.data(), g_src_p + m * I * 16,
+                      acc_w.data() + c * wsize);
+      } else {  // d votes (I, O, 16)
+        float* g_votes = g_src_p + m * I * O * 16;
+        for (int64_t i = 0; i < I; ++i)
+          for (int64_t o = 0; o < O; ++o) Store(g_votes + 16 * (i * O + o), s->gv[o * I + i]);
+      }
+    };
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    pool->ParallelFor(chunks, (M / chunks + 1) * cost * (T - t_first), [&](int64_t cb,
-                                                                             int64_t ce) {
-      ScopedFlushDenormal flush;
-      PaperScratch s(pp, /*backward=*/true);
-      for (int64_t c = cb; c < ce; ++c)
-        for (int64_t m = M * c / chunks; m < M * (c + 1) / chunks; ++m) {
-          VoteGradient(pp, src, a, m, t_first, bb, &s);
-          if (pb.from_poses) {
-            PoseGradients(pb, src + m * I * 16, s.gv.data(), g_src_p + m * I * 16,
-                          acc_w.data() + c * wsize);
-          } else {  // d votes (I, O, 16)
-            float* g_votes = g_src_p + m * I * O * 16;
-            for (int64_t i = 0; i < I; ++i)
-              for (int64_t o = 0; o < O; ++o) Store(g_votes + 16 * (i * O + o), s.gv[o * I + i]);
+    if (ByExample(ctx, N)) {  // (then example_chunks) one task per chunk of examples
+      const bool cache = CacheVotes(pp);
+      pool->ParallelFor(chunks, (M / chunks + 1) * cost * 2 * (T - t_first), [&](int64_t cb,
+                                                                                   int64_t ce) {
+        ScopedFlushDenormal flush;
+        PaperScratch s(pp, /*backward=*/true);
+        VecBuffer votes(cache ? P * I * O : 0);  // (P, O, I) Vecs
+        std::vector<float> child_dot;
+        for (int64_t c = cb; c < ce; ++c)
+          for (int64_t n = chunk_begin(c) / P; n < chunk_begin(c + 1) / P; ++n) {
+            if (cache)
+              for (int64_t p = 0; p < P; ++p)
+                VotesOfProblem(pb, src, n * P + p, votes.data() + p * I * O);
+            for (int t = T - 1; t >= t_first; --t) {
+              for (int64_t p = 0; p < P; ++p)
+                BackwardPhase(pp, src, a, n * P + p, t, assignment_gradient_, bb, &s,
+                              cache ? votes.data() + p * I * O : nullptr);
+              if (with_e && t > 0) SumOverParents(pp.children, n, slots, bb.slot_dot, &child_dot);
+            }
+            for (int64_t p = 0; p < P; ++p)
+              vote_gradient(n * P + p, c, &s, cache ? votes.data() + p * I * O : nullptr);
           }
-        }
-    });
+      });
+    } else {
+      for (int t = T - 1; t >= t_first; --t) {
+        Parallel(ctx, M, cost, [&](int64_t begin, int64_t end) {
+          PaperScratch s(pp, /*backward=*/false);
+          for (int64_t m = begin; m < end; ++m)
+            BackwardPhase(pp, src, a, m, t, assignment_gradient_, bb, &s);
+        });
+        if (with_e && t > 0)
+          Parallel(ctx, N, slots * 10, [&](int64_t begin, int64_t end) {
+            std::vector<float> child_dot;
+            for (int64_t n = begin; n < end; ++n)
+              SumOverParents(pp.children, n, slots, bb.slot_dot, &child_dot);
+          });
+      }
+      // Phase V: the vote gradients.
+      pool->ParallelFor(chunks, (M / chunks + 1) * cost * (T - t_first), [&](int64_t cb,
+                                                                               int64_t ce) {
+        ScopedFlushDenormal flush;
+        PaperScratch s(pp, /*backward=*/true);
+        for (int64_t c = cb; c < ce; ++c)
+          for (int64_t m = chunk_begin(c); m < chunk_begin(c + 1); ++m)
+            vote_gradient(m, c, &s, nullptr);
+      });
+    }
     if (pb.from_poses)
       for (int64_t c = 0; c < chunks; ++c)  // (O, I, 16) accumulators -> (I, O, 16)
         for (int64_t o = 0; o < O; ++o)
