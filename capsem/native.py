@@ -260,15 +260,23 @@ def _em_routing_grad(op, g_mean, g_act, g_saved_rr, g_stats):
     arriving at them (e.g. from the diagnostic assignments) are not propagated.
     """
     del g_saved_rr, g_stats
+    return _gradient(load().capsem_em_routing_grad, op, g_mean, g_act,
+                     ("inverse_temperatures", "stable"))
+
+
+def _gradient(grad_op, op, g_mean, g_act, attrs):
+    """The gradients of a routing op's inputs by its gradient op `grad_op`, which takes the
+    op's inputs, its saved assignments and statistics, the output gradients and the op's
+    attributes named in `attrs`; none for the constant offsets, none for w with votes."""
     mean, act, saved_rr, stats = op.outputs
     if g_mean is None:
         g_mean = tf.zeros_like(mean)
     if g_act is None:
         g_act = tf.zeros_like(act)
     src, w, offsets, a, beta_v, beta_a = op.inputs
-    g_src, g_w, g_a, g_beta_v, g_beta_a = load().capsem_em_routing_grad(
+    g_src, g_w, g_a, g_beta_v, g_beta_a = grad_op(
         src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act,
-        inverse_temperatures=op.get_attr("inverse_temperatures"), stable=op.get_attr("stable"))
+        **{name: op.get_attr(name) for name in attrs})
     from_poses = src.shape.rank == 3
     return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a]
 
@@ -286,14 +294,4 @@ def _em_routing_paper_grad(op, g_mean, g_act, g_saved_rr, g_stats):
     outputs whose gradients are not propagated.
     """
     del g_saved_rr, g_stats
-    mean, act, saved_rr, stats = op.outputs
-    if g_mean is None:
-        g_mean = tf.zeros_like(mean)
-    if g_act is None:
-        g_act = tf.zeros_like(act)
-    src, w, offsets, a, beta_v, beta_a = op.inputs
-    g_src, g_w, g_a, g_beta_v, g_beta_a = load().capsem_em_routing_paper_grad(
-        src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act,
-        **{name: op.get_attr(name) for name in _PAPER_ATTRS})
-    from_poses = src.shape.rank == 3
-    return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a]
+    return _gradient(load().capsem_em_routing_paper_grad, op, g_mean, g_act, _PAPER_ATTRS)

@@ -166,9 +166,10 @@ class TrainStep:
             correct += tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.int32))
         return total_loss, correct, grads
 
-    def _train_step(self, images, labels):
-        margin = self.margin_fn(self.global_step)
-        loss, correct, grads = self._loss_and_grads(images, labels, margin)
+    def _apply(self, loss, correct, grads, margin):
+        """The update of one step from its summed loss and gradients: skipped (the
+        variables untouched) unless all are finite, else each gradient clipped
+        separately, then Adam; the global step counts either way."""
         finite = tf.math.is_finite(loss)
         for g in grads:
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
@@ -182,6 +183,11 @@ class TrainStep:
         self.global_step.assign_add(1)
         return {"loss": loss, "margin": margin, "correct": correct,
                 "grad_norm": grad_norm, "finite": finite}
+
+    def _train_step(self, images, labels):
+        margin = self.margin_fn(self.global_step)
+        loss, correct, grads = self._loss_and_grads(images, labels, margin)
+        return self._apply(loss, correct, grads, margin)
 
     def _distributed_train_step(self, images, labels, signals):
         """`_train_step` over the replicas of `self.strategy` (images, labels: PerReplica).
@@ -206,19 +212,7 @@ class TrainStep:
         loss, correct, signals, *grads = [strategy.experimental_local_results(v)[0]
                                           for v in sums]
         correct = tf.cast(tf.round(correct), tf.int32)
-        finite = tf.math.is_finite(loss)
-        for g in grads:
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
-        grad_norm = tf.linalg.global_norm(grads)
-
-        def apply():
-            self.optimizer.apply(clip_per_variable(grads, self.clip_norm), self.variables)
-            return tf.constant(True)
-
-        tf.cond(finite, apply, lambda: tf.constant(False))
-        self.global_step.assign_add(1)
-        return {"loss": loss, "margin": margin, "correct": correct,
-                "grad_norm": grad_norm, "finite": finite, "signals": signals}
+        return {**self._apply(loss, correct, grads, margin), "signals": signals}
 
     def distribute_batch(self, images, labels):
         """The global batch `(images, labels)` as PerReplica values: replica r's slice.
