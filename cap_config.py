@@ -116,11 +116,12 @@ flags.DEFINE_integer("micro_batch_size", None,
 flags.DEFINE_bool("jit_compile", True,
                   "Run the training and evaluation steps as compiled TensorFlow graphs (with "
                   "--routing_kernels=xla: EM routing in XLA kernels); --nojit_compile: no XLA.")
-flags.DEFINE_enum("routing_kernels", "native", ["native", "xla"],
-                  "EM routing kernels: 'native' (C++ ops of capsem.native, compiled with the "
-                  "machine's C++ compiler on first use, about 10 s; falls back to 'xla' with a "
-                  "warning where they cannot be built) or 'xla' (blocked XLA kernels). The "
-                  "numbers agree to float32 rounding.")
+flags.DEFINE_enum("routing_kernels", "auto", ["auto", "native", "xla"],
+                  "EM routing kernels: 'auto' (default: 'native' where every training device "
+                  "is a CPU, 'xla' on GPUs), 'native' (C++ CPU ops of capsem.native, compiled "
+                  "with the machine's C++ compiler on first use; falls back to 'xla' with a "
+                  "warning where they cannot be built; an error on a GPU) or 'xla' (blocked "
+                  "XLA kernels, any device). The numbers agree to float32 rounding.")
 flags.DEFINE_integer("intra_op_threads", 0,
                      "TensorFlow intra-op threads (capsem.step.configure_threads); 0: "
                      "TensorFlow's default, one per core (the native routing kernels split "

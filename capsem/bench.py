@@ -75,9 +75,10 @@ def define_flags():
                          "TensorFlow intra-op threads (capsem.step.configure_threads; 0: "
                          "TensorFlow's default, one per core, which the native routing "
                          "kernels use).", lower_bound=0)
-    flags.DEFINE_enum("routing_kernels", "native", ["native", "xla"],
+    flags.DEFINE_enum("routing_kernels", "auto", ["auto", "native", "xla"],
                       "EM routing kernels (TrainStep / make_eval_step routing_kernels): "
-                      "'native' (C++ ops of capsem.native) or 'xla' (blocked XLA kernels).")
+                      "'auto' (native on CPUs, xla on a GPU), 'native' (C++ ops of "
+                      "capsem.native, CPU only) or 'xla' (blocked XLA kernels).")
     flags.DEFINE_integer("inter_op_threads", 0,
                          "tf.config.threading inter-op threads (0: TensorFlow's default).",
                          lower_bound=0)
@@ -95,7 +96,7 @@ def peak_rss_mb():
 def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps=10,
                   iterations=None, num_classes=10, image_size=28, channels=1, sizes=None,
                   stable=False, micro_batch_size=None, jit=None, intra_op_threads=0,
-                  inter_op_threads=0, seed=0, routing_kernels="native", recipe="article"):
+                  inter_op_threads=0, seed=0, routing_kernels="auto", recipe="article"):
     """Builds the network, times `steps` steps after `warmup` ones, returns a result dict.
 
     Args:
@@ -108,7 +109,7 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         jit_compile, True, False or "whole".
       intra_op_threads, inter_op_threads: for `capsem.step.configure_threads`
         (0: TensorFlow's default).
-      routing_kernels: "native" or "xla", as `capsem.step.TrainStep`; the
+      routing_kernels: "auto", "native" or "xla", as `capsem.step.TrainStep`; the
         result's `routing_kernels` says which ran ("xla" where the native
         kernels could not be built), for either routing.
       recipe: "article" or "paper": the network's routing settings are the
@@ -147,6 +148,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     labels = tf.constant(rng.randint(0, num_classes, batch_size).astype(np.int32))
 
     kwargs = {} if jit is None else {"jit_compile": jit}
+    routing_kernels = step_lib.resolve_routing_kernels(routing_kernels,
+                                                       step_lib.compute_devices())
     kwargs["routing_kernels"] = routing_kernels
     if mode == "train":
         if micro_batch_size is not None:

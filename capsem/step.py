@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from capsem import losses, native, ops, paper_routing
+from capsem.errors import ConfigError
 
 #: TF1 `tf.train.AdamOptimizer`'s default epsilon (Keras' default is 1e-7).
 TF1_ADAM_EPSILON = 1e-8
@@ -45,15 +46,17 @@ def make_optimizer(learning_rate=1e-3, epsilon=TF1_ADAM_EPSILON):
 PAPER_MICRO_BATCH_SIZE = 1
 
 
-def default_micro_batch_size(routing, jit_compile=True, routing_kernels="native"):
+def default_micro_batch_size(routing, jit_compile=True, routing_kernels="auto", strategy=None):
     """The default gradient micro-batch size for a routing mode (None: the whole batch).
 
     `PAPER_MICRO_BATCH_SIZE` for the paper's routing unless it runs in the
-    native kernels (`jit_compile` and `routing_kernels` as in `TrainStep`).
+    native kernels (`jit_compile`, `routing_kernels` and `strategy` as in
+    `TrainStep`).
     """
     if routing != "paper":
         return None
-    if requests_native_kernels(jit_compile, routing_kernels) and native.available():
+    kernels = resolve_routing_kernels(routing_kernels, compute_devices(strategy))
+    if requests_native_kernels(jit_compile, kernels) and native.available():
         return None
     return PAPER_MICRO_BATCH_SIZE
 
@@ -82,10 +85,12 @@ class TrainStep:
         in the kernels `routing_kernels` names; "whole": compile the whole
         step into one XLA program (plain TensorFlow ops for the routing);
         False: no XLA (the native kernels, else plain TensorFlow ops).
-      routing_kernels: "native" (default): EM routing in the native CPU ops
-        of `capsem.native`, falling back to the XLA kernels (with a warning)
-        where they cannot be built; "xla": the blocked XLA kernels of
-        `capsem.ops`. The numbers agree to float32 rounding.
+      routing_kernels: "auto" (default): "native" where every device of the
+        step is a CPU, else "xla" (`resolve_routing_kernels`); "native": EM
+        routing in the native CPU ops of `capsem.native`, falling back to the
+        XLA kernels (with a warning) where they cannot be built; "xla": the
+        blocked XLA kernels of `capsem.ops`, which run on any device. The
+        numbers agree to float32 rounding.
       global_step: an int64 `tf.Variable` counting attempted steps (the
         article's `global_step`, which drives the margin); created if None.
       margin_fn: the margin schedule, `step -> margin` (see
@@ -115,7 +120,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
                  micro_batch_size=None, jit_compile=True, global_step=None,
-                 routing_kernels="native", margin_fn=None, strategy=None):
+                 routing_kernels="auto", margin_fn=None, strategy=None):
         if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, "
@@ -128,7 +133,8 @@ class TrainStep:
         self.clip_norm = clip_norm
         self.micro_batch_size = micro_batch_size
         self.jit_compile = jit_compile
-        self.routing_kernels = routing_kernels
+        self.routing_kernels = resolve_routing_kernels(routing_kernels, compute_devices(strategy))
+        routing_kernels = self.routing_kernels
         self.global_step = global_step if global_step is not None else tf.Variable(
             0, dtype=tf.int64, trainable=False, name="global_step")
         self.variables = list(model.trainable_variables)
@@ -260,15 +266,65 @@ def _nan_unless_finite(loss, tensors):
     return tf.where(finite, loss, tf.constant(float("nan"), loss.dtype))
 
 
-def make_eval_step(model, jit_compile=True, routing_kernels="native"):
+def make_eval_step(model, jit_compile=True, routing_kernels="auto", strategy=None):
     """A compiled inference function: images -> (poses, activations).
 
-    `jit_compile` and `routing_kernels` as in `TrainStep`.
+    `jit_compile` and `routing_kernels` as in `TrainStep`; `strategy` only
+    decides the devices that "auto" looks at (the function itself runs
+    where it is called).
     """
-    return _compile(lambda images: model(images, training=False), jit_compile, routing_kernels)
+    kernels = resolve_routing_kernels(routing_kernels, compute_devices(strategy))
+    return _compile(lambda images: model(images, training=False), jit_compile, kernels)
 
 
-ROUTING_KERNELS = ("native", "xla")
+ROUTING_KERNELS = ("auto", "native", "xla")
+
+
+def compute_devices(strategy=None):
+    """The names of the devices that run a step's computation.
+
+    With a `tf.distribute.Strategy`, its replicas' devices
+    (`strategy.extended.worker_devices`); without one, the device where
+    TensorFlow places operations by default: the first GPU if there is one,
+    else the CPU.
+    """
+    if strategy is not None:
+        return list(strategy.extended.worker_devices)
+    gpus = tf.config.list_logical_devices("GPU")
+    return [gpus[0].name] if gpus else [tf.config.list_logical_devices("CPU")[0].name]
+
+
+def resolve_routing_kernels(routing_kernels, devices):
+    """The routing kernels ("native" or "xla") that a step on `devices` compiles.
+
+    The native kernels of `capsem.native` are CPU ops only: on a GPU (or any
+    other accelerator) TensorFlow would either fail to place them or, with
+    soft placement, run them on the host and copy every layer's poses and
+    gradients across. "auto" therefore picks the native kernels where every
+    device is a CPU and the XLA kernels (compiled for the device) otherwise.
+
+    Args:
+      routing_kernels: "auto", "native" or "xla".
+      devices: device names (`"/job:worker/replica:0/task:1/device:GPU:0"`,
+        `"/device:CPU:0"`, ...), e.g. `compute_devices(strategy)`.
+
+    Returns:
+      "native" or "xla".
+
+    Raises:
+      ConfigError: an unknown value, or "native" asked for non-CPU devices.
+    """
+    if routing_kernels not in ROUTING_KERNELS:
+        raise ConfigError(f"routing_kernels must be one of {', '.join(ROUTING_KERNELS)}, "
+                          f"got {routing_kernels!r}")
+    others = sorted(d for d in devices if tf.DeviceSpec.from_string(d).device_type != "CPU")
+    if routing_kernels == "auto":
+        return "xla" if others else "native"
+    if routing_kernels == "native" and others:
+        raise ConfigError(f"routing_kernels=native: the native routing kernels run on CPUs only, "
+                          f"and this step runs on {', '.join(others)}; use routing_kernels=auto "
+                          f"or xla (the XLA kernels run on any device)")
+    return routing_kernels
 
 
 def requests_native_kernels(jit_compile, routing_kernels):
@@ -280,13 +336,12 @@ def requests_native_kernels(jit_compile, routing_kernels):
     return routing_kernels == "native" and jit_compile != "whole"
 
 
-def _compile(fn, jit_compile, routing_kernels="native"):
+def _compile(fn, jit_compile, routing_kernels):
     """`fn` as a tf.function compiled as `jit_compile` and `routing_kernels` say."""
     if jit_compile not in (True, False, "whole"):
         raise ValueError(f'jit_compile must be True, False or "whole", got {jit_compile!r}')
-    if routing_kernels not in ROUTING_KERNELS:
-        raise ValueError(f"routing_kernels must be one of {ROUTING_KERNELS}, "
-                         f"got {routing_kernels!r}")
+    if routing_kernels not in ("native", "xla"):  # resolved by resolve_routing_kernels
+        raise ValueError(f'routing_kernels must be "native" or "xla", got {routing_kernels!r}')
     native = requests_native_kernels(jit_compile, routing_kernels)
 
     def traced(*args):

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import errno
 import glob
+import hashlib
 import json
 import math
 import os
@@ -127,8 +128,8 @@ class TrainConfig:
         `capsem.step.default_micro_batch_size` of the routing).
       jit_compile: compile the training and evaluation steps (see
         `capsem.step.TrainStep`).
-      routing_kernels: "native" or "xla", the EM routing kernels (see
-        `capsem.step.TrainStep`).
+      routing_kernels: "auto", "native" or "xla", the EM routing kernels (see
+        `capsem.step.TrainStep`; "auto": native on CPUs, xla on GPUs).
       log_every_steps: a progress line at most every this many steps (at steps
         that are multiples of it).
       log_every_secs: and at least this many seconds after the previous one
@@ -184,7 +185,7 @@ class TrainConfig:
     random_shift: int = 0
     micro_batch_size: int = None
     jit_compile: bool = True
-    routing_kernels: str = "native"
+    routing_kernels: str = "auto"
     log_every_steps: int = 10
     log_every_secs: float = 10.0
     summary_secs: float = 60.0
@@ -218,8 +219,8 @@ class TrainConfig:
             raise ConfigError(f"distribute must be one of {', '.join(DISTRIBUTE_MODES)}, "
                               f"got {self.distribute!r}")
         if self.routing_kernels not in step_lib.ROUTING_KERNELS:
-            raise ConfigError(f"routing_kernels must be one of {step_lib.ROUTING_KERNELS}, "
-                              f"got {self.routing_kernels!r}")
+            raise ConfigError(f"routing_kernels must be one of "
+                              f"{', '.join(step_lib.ROUTING_KERNELS)}, got {self.routing_kernels!r}")
         if self.micro_batch_size is not None and (
                 not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 1):
             raise ConfigError(f"micro_batch_size must be a positive integer, got "
@@ -510,6 +511,18 @@ def is_chief(strategy):
         return True
     return (resolver.task_type == "worker" and resolver.task_id == 0
             and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def worker_scratch_dir(log_dir, strategy):
+    """The directory where a worker that is not the chief saves its checkpoints (then deletes).
+
+    One name per log_dir and task in the temporary directory (`TMPDIR`), so that
+    re-running a killed worker's command removes what the killed one left.
+    """
+    resolver = strategy.cluster_resolver
+    tag = hashlib.sha256(os.path.abspath(log_dir).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(),
+                        f"capsem-worker-{tag}-{resolver.task_type}{resolver.task_id}")
 
 
 class _Progress:
@@ -880,22 +893,26 @@ class _Trainer:
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                            name="global_step")
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        # "auto": the native kernels where every device of the step is a CPU, else XLA's.
+        devices = step_lib.compute_devices(self.strategy)
+        kernels = step_lib.resolve_routing_kernels(config.routing_kernels, devices)
+        logging.info("EM routing kernels: %s (routing_kernels=%s; devices %s)", kernels,
+                     config.routing_kernels, ", ".join(devices))
         kwargs = {}
         if config.micro_batch_size is not None:
             kwargs["micro_batch_size"] = config.micro_batch_size
         else:
             kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(
-                config.routing, config.jit_compile, config.routing_kernels)
+                config.routing, config.jit_compile, kernels)
         if self.strategy is not None:
             kwargs["strategy"] = self.strategy
         self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
                                           clip_norm=config.clip_norm,
                                           jit_compile=config.jit_compile,
-                                          routing_kernels=config.routing_kernels,
+                                          routing_kernels=kernels,
                                           global_step=self.global_step,
                                           margin_fn=self.margin_fn, **kwargs)
-        self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile,
-                                              config.routing_kernels)
+        self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile, kernels)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               global_step=self.global_step,
                                               skipped_steps=self.skipped)
@@ -903,7 +920,10 @@ class _Trainer:
             # Another worker of a multi-worker run saves with the chief (saving may take
             # part in collective operations) but into a directory of its own, deleted at
             # the end (`close`); it restores from the chief's log_dir.
-            self.write_dir = tempfile.mkdtemp(prefix="capsem-worker-")
+            self.write_dir = worker_scratch_dir(config.log_dir, self.strategy)
+            # A worker that was killed left it behind: the same command removes it.
+            shutil.rmtree(self.write_dir, ignore_errors=True)
+            os.makedirs(self.write_dir)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir,
                                                   max_to_keep=config.keep_checkpoints,
                                                   checkpoint_name="ckpt")
@@ -1174,7 +1194,8 @@ def train(config):
 
     Raises:
       ConfigError, DataError, CheckpointError: bad input, before training starts.
-      TrainingError: too many consecutive non-finite steps.
+      TrainingError: too many consecutive non-finite steps, or (distributed) a worker
+        stopped or could not be reached.
     """
     config.validate()
     # First: MultiWorkerMirroredStrategy must exist before TensorFlow runs any operation.
@@ -1213,9 +1234,39 @@ def train(config):
                              trainer.steps_per_epoch, trainer.iterations_per_epoch,
                              f"until step {trainer.total_steps}" if trainer.total_steps
                              else "no step limit")
-                return trainer.run(stop)
+                try:
+                    return trainer.run(stop)
+                except (tf.errors.UnavailableError, tf.errors.CancelledError,
+                        tf.errors.DeadlineExceededError) as e:
+                    if strategy is None:
+                        raise
+                    # A worker died or cannot be reached: TensorFlow aborts the collective
+                    # operations of the others (at once on a broken connection, or at its
+                    # peer health check, every 30 s). The step in flight is lost.
+                    raise TrainingError(
+                        f"a worker of the {config.distribute} job stopped or cannot be "
+                        f"reached ({type(e).__name__}: {_cause_line(e)}); stopped at "
+                        f"step {int(trainer.global_step.numpy())} without saving; run every "
+                        f"worker's command again to resume from the last checkpoint "
+                        f"({_last_checkpoint(config.log_dir)})") from None
             finally:
                 trainer.close()
+
+
+def _cause_line(error, limit=200):
+    """The line of a TensorFlow error that says what failed (a collective's cause), shortened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if any(k in line.lower() for k in ("connect", "is down", "unavailable", "deadline",
+                                           "cancel", "abort")):
+            return line[:limit]
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def _last_checkpoint(log_dir):
+    """The latest checkpoint of a log_dir, as a message fragment."""
+    path = tf.train.latest_checkpoint(log_dir)
+    return os.path.basename(path) if path else f"none in {log_dir}: it starts again from step 0"
 
 
 def _log_strategy(distribute, strategy, chief, batch_size):

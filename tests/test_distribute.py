@@ -164,6 +164,10 @@ def test_mirrored_over_two_cpu_devices_equals_one_device(runs, reference):
     assert code == 0, log[-4000:]
     assert "MirroredStrategy: 2 replicas in sync" in log, log[-4000:]
     assert "global batch 4, 2/2 per replica" in log
+    # Both replicas are CPUs: "auto" picked the native kernels for them.
+    assert ("EM routing kernels: native (routing_kernels=auto; devices "
+            "/job:localhost/replica:0/task:0/device:CPU:0, "
+            "/job:localhost/replica:0/task:0/device:CPU:1)") in log
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["step"] == STEPS and result["stopped_by"] is None
     assert result["test"] is not None  # evaluated at the end
@@ -197,6 +201,119 @@ def test_two_workers_equal_one_device_and_only_the_chief_writes(runs, reference)
         assert json.load(f)["distribute"] == "multi_worker"
     assert_same_weights(log_dir, reference)
     print(f"two workers done {time.time() - runs['start']:.1f} s after the start")
+
+
+@pytest.mark.parametrize("requested, devices, expected", [
+    ("auto", ["/job:localhost/replica:0/task:0/device:CPU:0"], "native"),
+    ("auto", ["/device:CPU:0", "/device:CPU:1"], "native"),
+    ("auto", ["/job:worker/replica:0/task:0/device:GPU:0"], "xla"),
+    ("auto", ["/job:worker/replica:0/task:0/device:CPU:0",
+              "/job:worker/replica:0/task:1/device:GPU:0"], "xla"),
+    ("auto", ["/device:TPU:0"], "xla"),
+    ("native", ["/device:CPU:0"], "native"),
+    ("xla", ["/device:CPU:0"], "xla"),
+    ("xla", ["/device:GPU:0", "/device:GPU:1"], "xla"),
+])
+def test_routing_kernels_follow_the_devices(requested, devices, expected):
+    from capsem import step
+
+    assert step.resolve_routing_kernels(requested, devices) == expected
+
+
+def test_native_kernels_on_a_gpu_are_an_error_not_a_host_round_trip():
+    from capsem import step
+    from capsem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"routing_kernels=native: the native routing kernels "
+                       r"run on CPUs only, and this step runs on /device:GPU:1; use "
+                       r"routing_kernels=auto or xla"):
+        step.resolve_routing_kernels("native", ["/device:CPU:0", "/device:GPU:1"])
+    with pytest.raises(ConfigError, match="routing_kernels must be one of auto, native, xla, "
+                       "got 'gpu'"):
+        step.resolve_routing_kernels("gpu", ["/device:CPU:0"])
+
+
+def test_compute_devices_of_one_device_and_of_a_strategy():
+    from capsem import step
+
+    # No GPU here: TensorFlow places operations on the CPU, and "auto" means native.
+    assert tf.config.list_logical_devices("GPU") == []
+    assert step.compute_devices() == [tf.config.list_logical_devices("CPU")[0].name]
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    assert [tf.DeviceSpec.from_string(d).device_type
+            for d in step.compute_devices(strategy)] == ["CPU"]
+    assert step.resolve_routing_kernels("auto", step.compute_devices(strategy)) == "native"
+
+
+KILL_STEPS = 60
+
+
+def _workers(root, data, ports, tag):
+    """Two multi-worker train.py processes (tiny network, a checkpoint every step).
+
+    Worker i's TMPDIR is `root / f"tmp{i}"`, the same in every call.
+    """
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    flags = [f for f in FLAGS if not f.startswith(("--max_steps", "--checkpoint_secs"))]
+    runs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        tmp = root / f"tmp{index}"
+        tmp.mkdir(exist_ok=True)
+        runs.append(_Run([os.path.join(REPO, "train.py"), "--distribute=multi_worker",
+                          f"--dataset_dir={data}", f"--log_dir={root / 'multi'}",
+                          f"--max_steps={KILL_STEPS}", "--checkpoint_secs=0",
+                          "--noeval_every_epoch"] + flags,
+                         str(root / f"{tag}{index}"), TF_CONFIG=tf_config, TMPDIR=str(tmp)))
+    return runs
+
+
+@pytest.mark.parametrize("killed", [0, 1])
+def test_killed_worker_stops_the_others_and_the_same_commands_resume(data, tmp_path, killed):
+    """SIGKILL of a worker: the other stops with one error line; the same commands resume."""
+    ports = _free_ports(2)
+    first = _workers(tmp_path, data, ports, "first")
+    survivor = first[1 - killed]
+    chief_err = os.path.join(first[0].directory, "stderr")
+    deadline = time.time() + 240
+    while time.time() < deadline and first[0].process.poll() is None:
+        with open(chief_err) as f:
+            if "ckpt-5 (periodic)" in f.read():
+                break
+        time.sleep(0.1)
+    assert first[0].process.poll() is None, first[0].wait()[2][-3000:]
+    first[killed].process.kill()
+    killed_at = time.time()
+    code, _, log = survivor.wait(timeout=120)
+    waited = time.time() - killed_at
+    first[killed].wait()
+    assert code == 1, log[-3000:]
+    assert waited < 60, waited
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, log[-3000:]
+    assert "a worker of the multi_worker job stopped or cannot be reached" in errors[0]
+    assert "run every worker's command again to resume" in errors[0]
+    last = tf.train.latest_checkpoint(str(tmp_path / "multi"))
+    saved_step = int(last.rsplit("-", 1)[1])
+    assert 5 <= saved_step < KILL_STEPS
+    assert f"(ckpt-{saved_step})" in errors[0]
+    # The survivor cleaned up; a killed worker 1 left its scratch directory (removed below).
+    assert os.listdir(tmp_path / f"tmp{1 - killed}") == []
+
+    second = _workers(tmp_path, data, ports, "second")
+    outs = [run.wait() for run in second]
+    for code, _, log in outs:
+        assert code == 0, log[-3000:]
+        assert f"Resumed from {last} at step {saved_step}" in log, log[-3000:]
+        assert f"step {KILL_STEPS}/{KILL_STEPS}" in log
+    assert tf.train.latest_checkpoint(str(tmp_path / "multi")).endswith(f"ckpt-{KILL_STEPS}")
+    # The killed worker's TensorFlow temporaries (autograph's) stay in its TMPDIR, but no
+    # capsem-worker-* directory remains in either.
+    for index in range(2):
+        left = os.listdir(tmp_path / f"tmp{index}")
+        assert not [n for n in left if n.startswith("capsem-worker-")], left
+        if index != killed:
+            assert left == [], left
 
 
 def _main(config_json):
