@@ -153,7 +153,8 @@ flags.DEFINE_float("summary_secs", 60.0, "Write TensorBoard scalars every this m
                    lower_bound=0.0)
 flags.DEFINE_float("histogram_secs", 600.0,
                    "Write TensorBoard histograms (activations, votes, routing assignments of "
-                   "every capsule layer) every this many seconds.", lower_bound=0.0)
+                   "every capsule layer) and pictures (capsem.visualize.write_image_summaries) "
+                   "every this many seconds.", lower_bound=0.0)
 flags.DEFINE_float("checkpoint_secs", 600.0, "Save a checkpoint every this many seconds.",
                    lower_bound=0.0)
 flags.DEFINE_integer("keep_checkpoints", 2, "How many recent checkpoints to keep.",

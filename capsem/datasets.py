@@ -1061,6 +1061,31 @@ def _smallnorb_image(image, training, seed_pair):
     return tf.ensure_shape(x, (_SMALLNORB_CROP, _SMALLNORB_CROP, 1))
 
 
+def raw_image_shape(name):
+    """The (height, width, channels) of a dataset's stored uint8 images, before preprocessing.
+
+    MNIST-like datasets: their input shape; smallNORB: (96, 96, 1), which the
+    test preprocessing resizes and crops to the network's 32 x 32.
+    """
+    info = get_info(name)
+    return (96, 96, 1) if info.name == "smallnorb" else tuple(info.input_shape)
+
+
+def preprocess_for_eval(name, images_uint8):
+    """A batch of stored uint8 images `(N, *raw_image_shape(name))` as the test pipeline feeds
+    them to the network: `preprocess_image` for MNIST-like datasets, smallNORB's centre crop
+    and standardisation (`make_dataset(..., training=False)`).
+
+    Returns:
+      float32 `(N, *get_info(name).input_shape)`.
+    """
+    info = get_info(name)
+    if info.name == "smallnorb":
+        return tf.map_fn(lambda image: _smallnorb_image(image, False, None), images_uint8,
+                         fn_output_signature=tf.float32)
+    return preprocess_image(images_uint8)
+
+
 def _tfds_load(info, split, dataset_dir):
     """tensorflow-datasets' prepared split (no download), or a DataError saying how to prepare it."""
     import tensorflow_datasets as tfds  # slow to import: only when asked for

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from capsem import datasets, diagnostics, losses, nets, recipes
+from capsem import datasets, diagnostics, losses, nets, recipes, visualize
 from capsem import step as step_lib
 from capsem.errors import CheckpointError, ConfigError, DataError, TrainingError
 
@@ -135,7 +135,8 @@ class TrainConfig:
       log_every_secs: and at least this many seconds after the previous one
         (0: no time floor); the first and the last step always get one.
       summary_secs: write TensorBoard scalars at most this often (0: every step).
-      histogram_secs: write histograms at most this often (0: every summary).
+      histogram_secs: write histograms and pictures at most this often (0: every
+        summary).
       checkpoint_secs: save a checkpoint at most this often (0: every step).
       keep_checkpoints: how many checkpoints to keep.
       eval_every_epoch: evaluate on the test set after every epoch.
@@ -797,6 +798,59 @@ def config_for_evaluation(config, explicit=()):
     return dataclasses.replace(config, **values)
 
 
+def restore_model(config, checkpoint_path=None):
+    """The network of `config` with the weights of a checkpoint of `config.log_dir`.
+
+    Args:
+      config: a TrainConfig with the model settings of the run (see
+        `config_for_evaluation`, `load_trained`).
+      checkpoint_path: a checkpoint prefix; None: the latest of the log_dir.
+
+    Returns:
+      `(model, global_step, checkpoint_path)`; `global_step` is the step of the
+      checkpoint (an int64 variable).
+
+    Raises:
+      CheckpointError: no checkpoint, or one that does not fit the network.
+    """
+    model = build_model(config, datasets.get_info(config.dataset))
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    checkpoint = tf.train.Checkpoint(model=model, global_step=global_step)
+    path = checkpoint_path or tf.train.latest_checkpoint(config.log_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {config.log_dir}: train first or pass "
+                              f"--checkpoint")
+    try:
+        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    except Exception as e:  # any failure to read or match the checkpoint
+        raise CheckpointError(f"{path}: cannot restore into this model "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    return model, global_step, path
+
+
+def load_trained(log_dir, checkpoint_path=None):
+    """A trained network from a training run's log_dir, built as its config.json says.
+
+    For the tools that use a trained model (export, predict, visualize).
+
+    Returns:
+      `(model, config, checkpoint_path, step)`.
+
+    Raises:
+      CheckpointError: no config.json or checkpoint in log_dir, or one that
+        does not fit.
+    """
+    saved = read_saved_config(log_dir)
+    if not saved:
+        raise CheckpointError(f"{log_dir}: no {CONFIG_FILE}; pass the --log_dir of a training "
+                              f"run (train.py writes it)")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    config = dataclasses.replace(config, log_dir=log_dir)
+    model, global_step, path = restore_model(config, checkpoint_path)
+    return model, config, path, int(global_step.numpy())
+
+
 def evaluate(config, checkpoint_path=None, explicit=()):
     """Evaluates a checkpoint of `config.log_dir` (or `checkpoint_path`) on the test set.
 
@@ -811,18 +865,7 @@ def evaluate(config, checkpoint_path=None, explicit=()):
     config.validate()
     info = datasets.get_info(config.dataset)
     num_train, _ = prepare_data(config)
-    model = build_model(config, info)
-    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    checkpoint = tf.train.Checkpoint(model=model, global_step=global_step)
-    path = checkpoint_path or tf.train.latest_checkpoint(config.log_dir)
-    if path is None:
-        raise CheckpointError(f"no checkpoint in {config.log_dir}: train first or pass "
-                              f"--checkpoint")
-    try:
-        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
-    except Exception as e:  # any failure to read or match the checkpoint
-        raise CheckpointError(f"{path}: cannot restore into this model "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
+    model, global_step, path = restore_model(config, checkpoint_path)
     steps_per_epoch = math.ceil(num_train / config.batch_size)
     margin = margin_function(config, num_train)(int(global_step.numpy()))
     test_ds = datasets.make_dataset(config.dataset, "test", dataset_dir=config.dataset_dir,
@@ -1031,10 +1074,13 @@ class _Trainer:
         self.writer.flush()
         return result
 
-    def write_histograms(self, images, step):
+    def write_histograms(self, images, labels, step):
+        """Histograms of the capsules and routing, and pictures of them (`capsem.visualize`)."""
         details = diagnostics.capsule_details(self.model, images[:4])
         with self.writer.as_default(step=step):
             diagnostics.write_histograms(details)
+            visualize.write_image_summaries(self.model, images[:4], labels[:4],
+                                            dataset=self.config.dataset)
         self.writer.flush()
 
     def run(self, stop):
@@ -1093,7 +1139,7 @@ class _Trainer:
                     last_summary = now
                     if first_summary or now - last_hist >= config.histogram_secs:
                         if self.is_chief:
-                            self.write_histograms(images, step)
+                            self.write_histograms(images, labels, step)
                         last_hist = now
                     first_summary = False
                 save_due = (now - last_ckpt >= config.checkpoint_secs if self.strategy is None

@@ -83,3 +83,28 @@ def routed(fn, path):
             return compiled(*args, **kwargs)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """Trained tiny networks for the tools that use a log_dir (export, predict, visualize).
+
+    `{routing: log_dir}` for the article's and the paper's routing (A=4, B=2, C=2, D=2,
+    2 iterations, 2 steps of batch 4 on generated MNIST), and `"dataset_dir"`: the
+    TFRecords they trained on (8 training and 6 test images).
+    """
+    from capsem import training
+    from mnist_fixtures import make_tiny_tfrecords
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    _, dataset_dir = make_tiny_tfrecords(root, n_train=8, n_test=6)
+    runs = {"dataset_dir": dataset_dir}
+    for routing in ("article", "paper"):
+        runs[routing] = str(root / routing)
+        training.train(training.TrainConfig(
+            dataset="mnist", data_source="tfrecord", source_dir=None, dataset_dir=dataset_dir,
+            log_dir=runs[routing], batch_size=4, eval_batch_size=6, iterations=2, A=4, B=2,
+            C=2, D=2, max_steps=2, epochs=0, seed=5, summary_secs=3600, histogram_secs=3600,
+            checkpoint_secs=3600, log_every_steps=1, log_every_secs=0, routing=routing,
+            eval_every_epoch=False))
+    return runs
