@@ -13,6 +13,14 @@ from absl import logging as _absl_logging  # noqa: F401  (defines --log_dir)
 import mnist_config
 
 # --- model ---------------------------------------------------------------
+flags.DEFINE_enum(
+    "model", "capsules", ["capsules", "cnn"],
+    "Network to train: 'capsules' (the capsule network of --A..--D, spread loss) or 'cnn' "
+    "(the paper's baseline CNN, Sec. 5: 5x5 convolutions of 32 and 64 channels, each with "
+    "2x2 max pooling, a fully connected layer of 1024 units with dropout, softmax "
+    "cross-entropy loss; capsem.baseline). The CNN ignores the capsule and routing settings; "
+    "the optimizer, schedule, data, checkpoints and summaries are the same. A --log_dir "
+    "keeps the model it was trained with.")
 flags.DEFINE_integer("A", 32, "Channels of ReLU Conv1 (the article: 32).", lower_bound=1)
 flags.DEFINE_integer("B", 32, "Capsule types of PrimaryCaps (the article: 32).", lower_bound=1)
 flags.DEFINE_integer("C", 32, "Capsule types of ConvCaps1 (the article: 32).", lower_bound=1)
@@ -204,7 +212,8 @@ def config_from_flags(values):
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
         random_shift=values.random_shift, conv1_batch_norm=values.conv1_batch_norm,
-        dataset=values.dataset, data_source=data_source, dataset_dir=dataset_dir,
+        model=values.model, dataset=values.dataset, data_source=data_source,
+        dataset_dir=dataset_dir,
         source_dir=values.source_dir if data_source == "tfrecord" else None,
         log_dir=values.log_dir or os.path.join("logs", values.dataset),
         batch_size=values.batch_size, eval_batch_size=values.eval_batch_size,

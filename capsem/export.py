@@ -109,7 +109,8 @@ def export(log_dir, export_dir, checkpoint_path=None, overwrite=False, log=print
       CheckpointError: no usable config.json or checkpoint in log_dir.
     """
     _check_export_dir(export_dir, overwrite)
-    model, config, path, step = training.load_trained(log_dir, checkpoint_path)
+    model, config, path, step = training.load_trained(log_dir, checkpoint_path, ("capsules",),
+                                                      "export.py")
     log(f"Exporting {path} (step {step}, {config.dataset}, routing {config.routing})")
     parent = os.path.dirname(os.path.abspath(export_dir))
     os.makedirs(parent, exist_ok=True)

@@ -106,6 +106,11 @@ class TrainStep:
         gradients are all-reduced over the replicas, then clipped and applied
         once, and `global_step` counts global steps. Call the step outside
         the strategy's scope.
+      loss_fn: the loss `(labels (N,), activations (N, E), margin) -> scalar`,
+        summed over the examples (micro-batches are summed); None (default):
+        the article's spread loss, `capsem.losses.spread_loss_from_labels`.
+        The baseline CNN (`capsem.baseline`) trains with
+        `capsem.baseline.cross_entropy_loss` on its logits.
 
     Calling the step with `(images (N, H, W, C) float32, labels (N,) int)`
     returns a dict of scalar tensors: `loss` (summed over the batch, the
@@ -120,7 +125,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
                  micro_batch_size=None, jit_compile=True, global_step=None,
-                 routing_kernels="auto", margin_fn=None, strategy=None):
+                 routing_kernels="auto", margin_fn=None, strategy=None, loss_fn=None):
         if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, "
@@ -130,6 +135,7 @@ class TrainStep:
         self.iterations_per_epoch = int(iterations_per_epoch)
         self.margin_fn = margin_fn or losses.make_margin_schedule(
             "article", self.iterations_per_epoch)
+        self.loss_fn = loss_fn or losses.spread_loss_from_labels
         self.clip_norm = clip_norm
         self.micro_batch_size = micro_batch_size
         self.jit_compile = jit_compile
@@ -156,14 +162,14 @@ class TrainStep:
                 for s in range(0, size, self.micro_batch_size)]
 
     def _loss_and_grads(self, images, labels, margin):
-        """Loss, correct count and gradients of the summed spread loss over micro-batches."""
+        """Loss, correct count and gradients of the summed loss over micro-batches."""
         total_loss = tf.constant(0.0)
         correct = tf.constant(0, tf.int32)
         grads = None
         for x, y in self._chunks(images, labels):
             with tf.GradientTape() as tape:
                 _, activations = self.model(x, training=True)
-                loss = losses.spread_loss_from_labels(y, activations, margin)
+                loss = self.loss_fn(y, activations, margin)
                 loss = _nan_unless_finite(loss, [x, activations])
             chunk_grads = tape.gradient(loss, self.variables)
             grads = chunk_grads if grads is None else [a + b for a, b in zip(grads, chunk_grads)]

@@ -35,14 +35,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from capsem import datasets, diagnostics, losses, nets, recipes, visualize
+from capsem import baseline, datasets, diagnostics, losses, nets, recipes, visualize
 from capsem import step as step_lib
 from capsem.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 #: Config fields that define the model's variables: a log_dir holding a
 #: checkpoint made with other values cannot be resumed, not even with
 #: `allow_config_change`.
-ARCHITECTURE_KEYS = ("dataset", "A", "B", "C", "D", "conv1_batch_norm")
+ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm")
 
 #: Config fields that change what a resumed run computes: a difference from the
 #: log_dir's config.json stops the run unless `allow_config_change` is set
@@ -64,6 +64,10 @@ MODEL_KEYS = ARCHITECTURE_KEYS + (
     "margin_ramp_epochs")
 
 CONFIG_FILE = "config.json"
+
+#: The networks of `TrainConfig.model`: the capsule network (`capsem.nets.capsules_net`)
+#: or the paper's baseline CNN (`capsem.baseline.cnn_net`).
+MODELS = ("capsules", "cnn")
 
 #: The values of `TrainConfig.distribute`.
 DISTRIBUTE_MODES = ("none", "mirrored", "multi_worker")
@@ -87,6 +91,10 @@ class TrainConfig:
       dataset_dir: directory of the TFRecords (or tfds' data_dir).
       source_dir: directory of the MNIST IDX .gz files the TFRecords are made
         from on first use (None: do not convert).
+      model: "capsules" (default: the capsule network, trained with the
+        spread loss) or "cnn" (the paper's baseline CNN, `capsem.baseline`,
+        trained with the softmax cross-entropy; the capsule settings A-D,
+        routing, iterations and margin do not apply to it).
       log_dir: checkpoints, summaries and the saved config go here.
       batch_size: training batch size (the article: 24); with `distribute`, the
         GLOBAL batch, split over all replicas (of all workers).
@@ -156,6 +164,7 @@ class TrainConfig:
     data_source: str = "tfrecord"
     dataset_dir: str = datasets.DEFAULT_MNIST_DIR
     source_dir: str = None
+    model: str = "capsules"
     log_dir: str = os.path.join("logs", "mnist")
     batch_size: int = 24
     eval_batch_size: int = 100
@@ -235,8 +244,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.log_dir:
             raise ConfigError("log_dir must be a directory path, got an empty string")
-        choices = (("recipe", recipes.RECIPE_NAMES), ("routing", nets.ROUTING_MODES),
-                   ("margin_schedule", losses.MARGIN_SCHEDULES))
+        choices = (("model", MODELS), ("recipe", recipes.RECIPE_NAMES),
+                   ("routing", nets.ROUTING_MODES), ("margin_schedule", losses.MARGIN_SCHEDULES))
         for name, accepted in choices:
             if getattr(self, name) not in accepted:
                 raise ConfigError(f"{name} must be one of {', '.join(accepted)}, "
@@ -442,7 +451,13 @@ def prepare_data(config):
 
 
 def build_model(config, info):
-    """The article's network for a config and dataset."""
+    """The network of a config (`config.model`) for a dataset.
+
+    "capsules": the article's network (`capsem.nets.capsules_net`); "cnn": the
+    paper's baseline CNN (`capsem.baseline.cnn_net`, paper Sec. 5).
+    """
+    if config.model == "cnn":
+        return baseline.cnn_net(num_classes=info.num_classes, input_shape=tuple(info.input_shape))
     return nets.capsules_net(num_classes=info.num_classes, iterations=config.iterations,
                              A=config.A, B=config.B, C=config.C, D=config.D,
                              input_shape=tuple(info.input_shape),
@@ -452,6 +467,19 @@ def build_model(config, info):
                              variance_floor=config.variance_floor,
                              assignment_gradient=config.assignment_gradient,
                              conv1_batch_norm=config.conv1_batch_norm)
+
+
+def loss_function(config):
+    """The training and evaluation loss `(labels, activations, margin) -> scalar` of a config.
+
+    The capsule network's spread loss (`capsem.losses.spread_loss_from_labels`),
+    or for `model="cnn"` the softmax cross-entropy of the baseline's logits
+    (`capsem.baseline.cross_entropy_loss`; paper Sec. 5: a softmax output layer).
+    Both are summed over the batch.
+    """
+    if config.model == "cnn":
+        return baseline.cross_entropy_loss
+    return losses.spread_loss_from_labels
 
 
 def margin_function(config, num_train):
@@ -741,8 +769,13 @@ def _restore_checkpoint(checkpoint, candidates, log_dir):
 # ---------------------------------------------------------------------------
 
 
-def run_evaluation(model, eval_fn, dataset, num_classes, margin):
-    """Accuracy, summed spread loss and confusion matrix of a model on a dataset."""
+def run_evaluation(model, eval_fn, dataset, num_classes, margin, loss_fn=None):
+    """Accuracy, summed loss and confusion matrix of a model on a dataset.
+
+    `loss_fn(labels, activations, margin)`: the loss (`loss_function`); None:
+    the spread loss.
+    """
+    loss_fn = loss_fn or losses.spread_loss_from_labels
     confusion = np.zeros((num_classes, num_classes), np.int64)
     total_loss = 0.0
     count = 0
@@ -751,7 +784,7 @@ def run_evaluation(model, eval_fn, dataset, num_classes, margin):
         pred = np.argmax(activations.numpy(), axis=-1)
         labels = labels.numpy()
         np.add.at(confusion, (labels, pred), 1)
-        total_loss += float(losses.spread_loss_from_labels(labels, activations, margin))
+        total_loss += float(loss_fn(labels, activations, margin))
         count += len(labels)
     accuracy = float(np.trace(confusion)) / max(count, 1)
     return {"accuracy": accuracy, "loss": total_loss, "mean_loss": total_loss / max(count, 1),
@@ -828,10 +861,16 @@ def restore_model(config, checkpoint_path=None):
     return model, global_step, path
 
 
-def load_trained(log_dir, checkpoint_path=None):
+def load_trained(log_dir, checkpoint_path=None, models=MODELS, tool="this tool"):
     """A trained network from a training run's log_dir, built as its config.json says.
 
-    For the tools that use a trained model (export, predict, visualize).
+    For the tools that use a trained model (export, predict, visualize, attack).
+
+    Args:
+      log_dir: the run's log_dir.
+      checkpoint_path: a checkpoint prefix (default: the latest).
+      models: the values of `TrainConfig.model` the tool accepts.
+      tool: the tool's name, for the error message.
 
     Returns:
       `(model, config, checkpoint_path, step)`.
@@ -839,6 +878,7 @@ def load_trained(log_dir, checkpoint_path=None):
     Raises:
       CheckpointError: no config.json or checkpoint in log_dir, or one that
         does not fit.
+      ConfigError: a model the tool does not accept.
     """
     saved = read_saved_config(log_dir)
     if not saved:
@@ -847,6 +887,9 @@ def load_trained(log_dir, checkpoint_path=None):
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
     config = dataclasses.replace(config, log_dir=log_dir)
+    if config.model not in models:
+        raise ConfigError(f"{log_dir} holds a --model={config.model} network; {tool} takes "
+                          f"--model={' or '.join(models)} networks")
     model, global_step, path = restore_model(config, checkpoint_path)
     return model, config, path, int(global_step.numpy())
 
@@ -859,7 +902,8 @@ def evaluate(config, checkpoint_path=None, explicit=()):
 
     Returns:
       a dict with accuracy, loss (summed spread loss at the checkpoint's
-      margin), mean_loss, examples, confusion, step and checkpoint.
+      margin; the cross-entropy for the CNN), mean_loss, examples, confusion,
+      step and checkpoint.
     """
     config = config_for_evaluation(config, explicit)
     config.validate()
@@ -872,7 +916,8 @@ def evaluate(config, checkpoint_path=None, explicit=()):
                                     data_source=config.data_source,
                                     batch_size=config.eval_batch_size)
     eval_fn = step_lib.make_eval_step(model, config.jit_compile, config.routing_kernels)
-    result = run_evaluation(model, eval_fn, test_ds, info.num_classes, margin)
+    result = run_evaluation(model, eval_fn, test_ds, info.num_classes, margin,
+                            loss_function(config))
     result.update(step=int(global_step.numpy()), checkpoint=path,
                   epoch=int(global_step.numpy()) / steps_per_epoch)
     logging.info("Evaluation of %s (step %d): accuracy %.4f, loss %.4f (mean %.5f) on %d "
@@ -932,6 +977,9 @@ class _Trainer:
         scope = self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
         with scope:
             self.model = build_model(config, self.info)
+            # The issue's "parameter count printed at start" (paper Sec. 5 compares them).
+            logging.info("Model %s (%s): %s parameters", config.model, self.model.name,
+                         f"{self.model.count_params():,}")
             self.optimizer = step_lib.make_optimizer(learning_rate(config), config.adam_epsilon)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                            name="global_step")
@@ -944,6 +992,8 @@ class _Trainer:
         kwargs = {}
         if config.micro_batch_size is not None:
             kwargs["micro_batch_size"] = config.micro_batch_size
+        elif config.model == "cnn":
+            kwargs["micro_batch_size"] = None  # no routing: the whole batch at once
         else:
             kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(
                 config.routing, config.jit_compile, kernels)
@@ -954,7 +1004,8 @@ class _Trainer:
                                           jit_compile=config.jit_compile,
                                           routing_kernels=kernels,
                                           global_step=self.global_step,
-                                          margin_fn=self.margin_fn, **kwargs)
+                                          margin_fn=self.margin_fn,
+                                          loss_fn=loss_function(config), **kwargs)
         self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile, kernels)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               global_step=self.global_step,
@@ -1063,7 +1114,8 @@ class _Trainer:
                                         data_source=self.config.data_source,
                                         batch_size=self.config.eval_batch_size)
         start = time.time()
-        result = run_evaluation(self.model, self.eval_fn, test_ds, self.info.num_classes, margin)
+        result = run_evaluation(self.model, self.eval_fn, test_ds, self.info.num_classes, margin,
+                                loss_function(self.config))
         logging.info("Test at step %d: accuracy %.4f, loss %.4f (mean %.5f), %d examples in "
                      "%.1f s\nconfusion matrix:\n%s", step, result["accuracy"], result["loss"],
                      result["mean_loss"], result["examples"], time.time() - start,
@@ -1076,6 +1128,11 @@ class _Trainer:
 
     def write_histograms(self, images, labels, step):
         """Histograms of the capsules and routing, and pictures of them (`capsem.visualize`)."""
+        if self.config.model == "cnn":
+            with self.writer.as_default(step=step):
+                baseline.write_histograms(self.model, images[:4])
+            self.writer.flush()
+            return
         details = diagnostics.capsule_details(self.model, images[:4])
         with self.writer.as_default(step=step):
             diagnostics.write_histograms(details)

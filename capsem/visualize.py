@@ -620,7 +620,8 @@ def visualize(log_dir, out_dir, checkpoint=None, num_images=4, first_image=0, da
     indices = list(range(first_image, first_image + num_images))
     names = file_names(indices)
     check_out_dir(out_dir, names, overwrite)
-    model, config, path, step = training.load_trained(log_dir, checkpoint)
+    model, config, path, step = training.load_trained(log_dir, checkpoint, ("capsules",),
+                                                      "visualize.py")
     images, labels = load_test_images(config, first_image, num_images, dataset_dir)
     data = picture_data(model, images, labels, offsets)
     os.makedirs(out_dir, exist_ok=True)

@@ -141,3 +141,15 @@ def test_export_never_overwrites_without_the_flag(trained, tmp_path):
 
     with pytest.raises(CheckpointError, match="no config.json"):
         export.export(str(tmp_path / "nothing"), str(tmp_path / "out"))
+
+
+def test_tools_for_capsules_refuse_a_cnn_log_dir(tmp_path):
+    from capsem import export, visualize
+    from capsem.errors import ConfigError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": "cnn", "dataset": "mnist"}))
+    with pytest.raises(ConfigError, match=r"holds a --model=cnn network; export.py takes "
+                                          r"--model=capsules networks"):
+        export.export(str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="visualize.py takes --model=capsules networks"):
+        visualize.visualize(str(tmp_path), str(tmp_path / "pictures"))
