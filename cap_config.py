@@ -98,6 +98,12 @@ flags.DEFINE_enum("distribute", "none", ["none", "mirrored", "multi_worker"],
                   "processes that TF_CONFIG lists; every process runs the same command, the "
                   "chief writes --log_dir, which must be shared to resume).")
 flags.DEFINE_integer("eval_batch_size", 100, "Evaluation batch size.", lower_bound=1)
+flags.DEFINE_integer("test_crops", 1,
+                     "smallNORB only: evaluation averages the class activations over this many "
+                     "32x32 crops of each 48x48 resized test image, the paper's multi-crop test "
+                     "(Sec. 5): the centre, then the four corners, then the four edge midpoints "
+                     "(offsets 0, 8, 16). 1: the centre crop only. Each crop costs one forward "
+                     "pass.", lower_bound=1, upper_bound=9)
 flags.DEFINE_float("learning_rate", None,
                    "Adam learning rate. Default: the recipe's (article 1e-3, paper 3e-3).")
 flags.DEFINE_float("adam_epsilon", 1e-8,
@@ -213,7 +219,9 @@ def config_from_flags(values):
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
         random_shift=values.random_shift, conv1_batch_norm=values.conv1_batch_norm,
         model=values.model, dataset=values.dataset, data_source=data_source,
-        dataset_dir=dataset_dir,
+        dataset_dir=dataset_dir, smallnorb_split=values.smallnorb_split,
+        eval_viewpoints=values.eval_viewpoints, test_crops=values.test_crops,
+        download=values.download,
         source_dir=values.source_dir if data_source == "tfrecord" else None,
         log_dir=values.log_dir or os.path.join("logs", values.dataset),
         batch_size=values.batch_size, eval_batch_size=values.eval_batch_size,

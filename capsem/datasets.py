@@ -19,7 +19,9 @@ on MNIST stored as TFRecords of PNG-encoded images, produced by a
 
 Every problem with the data is raised as a one-line ``capsem.errors.DataError``
 naming the offending file or directory. Only ``download_mnist`` (and
-``convert_mnist(download=True)``, which calls it) touches the network.
+``convert_mnist(download=True)``, which calls it) and tensorflow-datasets with
+``make_dataset(..., download=True)`` / ``tfds_split_sizes(..., download=True)``
+touch the network.
 """
 
 import collections
@@ -58,6 +60,11 @@ __all__ = [
     "written_by_capsem",
     "read_image_tfrecord",
     "epoch_order",
+    "SMALLNORB_SPLITS",
+    "VIEWPOINTS",
+    "MAX_TEST_CROPS",
+    "smallnorb_viewpoint_filter",
+    "smallnorb_crop_offsets",
     "make_dataset",
     "validate_tfrecord",
 ]
@@ -124,6 +131,30 @@ _SMALLNORB_BRIGHTNESS = 32.0 / 255.0
 _SMALLNORB_CONTRAST = (0.5, 1.5)
 # Second half of the stateless seed pair used for smallNORB augmentation.
 _AUGMENT_SEED_SALT = 20180430
+
+#: The values of `make_dataset(smallnorb_split=...)`: smallNORB's own train/test
+#: split, or the paper's novel-viewpoint experiments (Hinton, Sabour & Frosst,
+#: "Matrix capsules with EM routing", ICLR 2018, Sec. 5.1 "Generalization to
+#: novel viewpoints"): "We trained [...] on one-third of the training data
+#: containing azimuths of (300, 320, 340, 0, 20, 40) and tested on the two-thirds
+#: of the test data that contained azimuths from 60 to 280. In a separate
+#: experiment, we trained on the 3 smaller elevations and tested on the 6 larger
+#: elevations."
+SMALLNORB_SPLITS = ("standard", "azimuth", "elevation")
+#: The values of `make_dataset(viewpoints=...)`: the viewpoints of the training
+#: subset, the others, or every example of the split.
+VIEWPOINTS = ("familiar", "novel", "all")
+# The familiar viewpoints as tfds' labels. tfds' smallnorb builder stores
+# `label_azimuth` = degrees / 20 (0..17: the .info files hold 0, 2, ..., 34, i.e.
+# degrees / 10, which the builder halves) and `label_elevation` = (degrees - 30) / 5
+# (0..8: 30 to 70 degrees every 5). So azimuths 300..40 degrees are labels 15, 16,
+# 17, 0, 1, 2 and the 3 smallest elevations (30, 35, 40 degrees) labels 0, 1, 2.
+_FAMILIAR_VIEWPOINTS = {
+    "azimuth": ("label_azimuth", (15, 16, 17, 0, 1, 2)),
+    "elevation": ("label_elevation", (0, 1, 2)),
+}
+#: The most crops `make_dataset(test_crops=...)` takes: a 3 x 3 grid of offsets.
+MAX_TEST_CROPS = 9
 
 
 def _one_line(text):
@@ -1043,12 +1074,17 @@ def _tfrecord_batches(info, split, dataset_dir, training, seed, buffer_size, bat
 # -------------------------------------------------------------------------- tfds
 
 
-def _smallnorb_image(image, training, seed_pair):
-    """The paper's smallNORB preprocessing of one uint8 (96, 96, 1) image."""
+def _smallnorb_resized(image):
+    """A uint8 (96, 96, 1) smallNORB image resized to 48 x 48, float32 in [0, 1]."""
     x = tf.image.resize(tf.cast(image, tf.float32),
                         [_SMALLNORB_RESIZED, _SMALLNORB_RESIZED],
                         method=tf.image.ResizeMethod.BILINEAR, antialias=True)
-    x = x / 255.0
+    return x / 255.0
+
+
+def _smallnorb_image(image, training, seed_pair):
+    """The paper's smallNORB preprocessing of one uint8 (96, 96, 1) image."""
+    x = _smallnorb_resized(image)
     if training:
         seeds = tf.random.experimental.stateless_split(seed_pair, num=3)
         x = tf.image.stateless_random_crop(x, [_SMALLNORB_CROP, _SMALLNORB_CROP, 1], seed=seeds[0])
@@ -1059,6 +1095,43 @@ def _smallnorb_image(image, training, seed_pair):
         x = x[offset:offset + _SMALLNORB_CROP, offset:offset + _SMALLNORB_CROP, :]
     x = tf.image.per_image_standardization(x)
     return tf.ensure_shape(x, (_SMALLNORB_CROP, _SMALLNORB_CROP, 1))
+
+
+def smallnorb_crop_offsets(num_crops):
+    """The (row, column) offsets of the test crops in the 48 x 48 resized smallNORB image.
+
+    The paper (Sec. 5: "If we average class activations over multiple crops at
+    test time we achieve 1.4%") does not say which crops; capsem takes a fixed
+    3 x 3 grid of offsets {0, 8, 16}^2 of the 32 x 32 crops, in this order: the
+    centre (8, 8) (the single-crop evaluation), the four corners (0, 0),
+    (0, 16), (16, 0), (16, 16), then the four edge midpoints (0, 8), (8, 0),
+    (8, 16), (16, 8); `num_crops` takes the first ones.
+
+    Args:
+      num_crops: an int in [1, MAX_TEST_CROPS].
+
+    Returns:
+      a tuple of `num_crops` (row, column) pairs.
+
+    Raises:
+      DataError: num_crops outside [1, MAX_TEST_CROPS].
+    """
+    if isinstance(num_crops, bool) or not isinstance(num_crops, (int, np.integer)) \
+            or not 1 <= num_crops <= MAX_TEST_CROPS:
+        raise DataError(f"test_crops must be an int in [1, {MAX_TEST_CROPS}], got {num_crops!r}")
+    low, high = 0, _SMALLNORB_RESIZED - _SMALLNORB_CROP
+    mid = high // 2
+    grid = ((mid, mid), (low, low), (low, high), (high, low), (high, high),
+            (low, mid), (mid, low), (mid, high), (high, mid))
+    return grid[:int(num_crops)]
+
+
+def _smallnorb_crops(image, offsets):
+    """The standardised 32 x 32 test crops of one smallNORB image at `offsets`: (N, 32, 32, 1)."""
+    x = _smallnorb_resized(image)
+    crops = [tf.image.per_image_standardization(
+        x[row:row + _SMALLNORB_CROP, col:col + _SMALLNORB_CROP, :]) for row, col in offsets]
+    return tf.ensure_shape(tf.stack(crops), (len(offsets), _SMALLNORB_CROP, _SMALLNORB_CROP, 1))
 
 
 def raw_image_shape(name):
@@ -1086,8 +1159,12 @@ def preprocess_for_eval(name, images_uint8):
     return preprocess_image(images_uint8)
 
 
-def _tfds_load(info, split, dataset_dir):
-    """tensorflow-datasets' prepared split (no download), or a DataError saying how to prepare it."""
+def _tfds_load(info, split, dataset_dir, download=False, decoders=None):
+    """tensorflow-datasets' prepared split, or a DataError saying how to prepare it.
+
+    With `download`, tfds downloads and prepares missing data in dataset_dir
+    (tfds' default data directory when None) first.
+    """
     import tensorflow_datasets as tfds  # slow to import: only when asked for
 
     where = os.fspath(dataset_dir) if dataset_dir is not None else os.environ.get(
@@ -1095,44 +1172,144 @@ def _tfds_load(info, split, dataset_dir):
     not_found = (AssertionError, FileNotFoundError, tf.errors.NotFoundError,
                  tfds.core.DatasetNotFoundError)
     try:
-        return tfds.load(info.name, split=split, data_dir=dataset_dir, download=False)
+        return tfds.load(info.name, split=split, data_dir=dataset_dir, download=bool(download),
+                         decoders=decoders)
     except not_found as e:
         raise DataError(
-            f"{where}: no prepared tensorflow-datasets data for {info.name!r} "
-            f"(tfds cannot download here); prepare it where there is network access with "
-            f"`tfds build {info.name} --data_dir=DIR`, copy DIR here and pass it as the "
-            f"dataset directory ({_first_line(e)})"
+            f"{where}: no prepared tensorflow-datasets data for {info.name!r}; pass --download "
+            f"(download=True) to let tfds download and prepare it there, or prepare it where "
+            f"there is network access with `tfds build {info.name} --data_dir=DIR`, copy DIR "
+            f"here and pass it as the dataset directory ({_first_line(e)})"
         ) from None
 
 
-def tfds_split_sizes(name, dataset_dir=None):
+def _check_choice(name, value, accepted):
+    if value not in accepted:
+        raise DataError(f"{name} must be one of {', '.join(accepted)}, got {value!r}")
+
+
+def _default_viewpoints(split, smallnorb_split):
+    if smallnorb_split == "standard":
+        return "all"
+    return "familiar" if split == "train" else "novel"
+
+
+def _check_viewpoints(info, smallnorb_split, viewpoints):
+    _check_choice("smallnorb_split", smallnorb_split, SMALLNORB_SPLITS)
+    if smallnorb_split != "standard" and info.name != "smallnorb":
+        raise DataError(f"smallnorb_split={smallnorb_split!r} applies to smallnorb only, not "
+                        f"{info.name!r}; use smallnorb_split='standard'")
+    if viewpoints is None:
+        return
+    _check_choice("viewpoints", viewpoints, VIEWPOINTS)
+    if smallnorb_split == "standard" and viewpoints != "all":
+        raise DataError(f"viewpoints={viewpoints!r} needs smallnorb_split='azimuth' or "
+                        f"'elevation' (the standard split has no novel viewpoints); use "
+                        f"viewpoints='all' or None")
+
+
+def smallnorb_viewpoint_filter(smallnorb_split, viewpoints):
+    """A predicate on tfds smallnorb examples selecting a novel-viewpoint subset.
+
+    Implements the paper's Sec. 5.1 ("Generalization to novel viewpoints",
+    see `SMALLNORB_SPLITS`): for 'azimuth' the familiar viewpoints are the
+    azimuths 300, 320, 340, 0, 20 and 40 degrees (tfds `label_azimuth` 15, 16,
+    17, 0, 1, 2), the novel ones 60 to 280 degrees; for 'elevation' the
+    familiar viewpoints are the 3 smallest elevations, 30, 35 and 40 degrees
+    (`label_elevation` 0, 1, 2), the novel ones the 6 larger, 45 to 70 degrees.
+
+    Args:
+      smallnorb_split: one of `SMALLNORB_SPLITS`.
+      viewpoints: one of `VIEWPOINTS`.
+
+    Returns:
+      a function `example dict -> scalar bool tensor` for `tf.data.Dataset.filter`,
+      or None when every example is kept ('standard' or 'all').
+
+    Raises:
+      DataError: an unknown value, or 'familiar'/'novel' with 'standard'.
+    """
+    _check_viewpoints(get_info("smallnorb"), smallnorb_split, viewpoints)
+    if smallnorb_split == "standard" or viewpoints == "all":
+        return None
+    key, familiar = _FAMILIAR_VIEWPOINTS[smallnorb_split]
+    familiar = tf.constant(familiar, tf.int64)
+    want_familiar = viewpoints == "familiar"
+
+    def keep(example):
+        is_familiar = tf.reduce_any(tf.equal(tf.cast(example[key], tf.int64), familiar))
+        return is_familiar if want_familiar else tf.logical_not(is_familiar)
+
+    return keep
+
+
+def _label_only_decoders(info):
+    """tfds decoders that leave smallNORB's images encoded (counting needs only labels)."""
+    if info.name != "smallnorb":
+        return None
+    import tensorflow_datasets as tfds
+
+    return {"image": tfds.decode.SkipDecoding(), "image2": tfds.decode.SkipDecoding()}
+
+
+def tfds_split_sizes(name, dataset_dir=None, *, smallnorb_split="standard", viewpoints=None,
+                     download=False):
     """The numbers of examples of the prepared tfds splits of a dataset.
 
     What the prepared data hold, which can differ from `DatasetInfo`'s
-    constants (another version of the dataset, a subset).
+    constants (another version of the dataset, a subset). For a novel-viewpoint
+    `smallnorb_split` the examples of the selected viewpoints are counted (by
+    reading the labels only, leaving the images encoded), so that epochs end
+    where `make_dataset` with the same arguments ends them.
+
+    Args:
+      name: 'mnist', 'fashion_mnist' or 'smallnorb'.
+      dataset_dir: tfds' data_dir (None: tfds' default).
+      smallnorb_split: one of `SMALLNORB_SPLITS`.
+      viewpoints: the viewpoints counted in the test split (one of `VIEWPOINTS`);
+        None: 'novel' ('all' for 'standard'). The train split always counts the
+        familiar viewpoints, which training uses.
+      download: let tfds download and prepare missing data.
 
     Returns:
       a dict {split: number of examples} for `SPLITS`.
 
     Raises:
-      DataError: the data are not prepared, or a split holds no example.
+      DataError: the data are not prepared, a bad argument, or a split (subset)
+        holds no example.
     """
     info = get_info(name)
+    _check_viewpoints(info, smallnorb_split, viewpoints)
     sizes = {}
     for split in SPLITS:
-        ds = _tfds_load(info, split, dataset_dir)
+        chosen = _default_viewpoints(split, smallnorb_split) if split == "train" or \
+            viewpoints is None else viewpoints
+        keep = smallnorb_viewpoint_filter(smallnorb_split, chosen) \
+            if info.name == "smallnorb" else None
+        ds = _tfds_load(info, split, dataset_dir, download,
+                        _label_only_decoders(info) if keep is not None else None)
+        if keep is not None:
+            ds = ds.filter(keep)
         count = int(ds.cardinality())
-        if count < 0:  # unknown: count them
+        if count < 0:  # unknown (or filtered): count them
             count = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
         if count == 0:
-            raise DataError(f"the prepared tensorflow-datasets split {name}/{split} holds no "
-                            f"examples")
+            subset = f" ({smallnorb_split} split, {chosen} viewpoints)" if keep is not None \
+                else ""
+            raise DataError(f"the prepared tensorflow-datasets split {name}/{split}{subset} "
+                            f"holds no examples")
         sizes[split] = count
     return sizes
 
 
-def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0):
-    ds = _tfds_load(info, split, dataset_dir)
+def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0,
+                   smallnorb_split="standard", viewpoints=None, test_crops=1, download=False):
+    ds = _tfds_load(info, split, dataset_dir, download)
+    if info.name == "smallnorb":
+        keep = smallnorb_viewpoint_filter(
+            smallnorb_split, viewpoints or _default_viewpoints(split, smallnorb_split))
+        if keep is not None:
+            ds = ds.filter(keep)
     label_key = "label_category" if info.name == "smallnorb" else "label"
     ds = ds.map(lambda ex: (ex["image"], ex[label_key]))
     if training:
@@ -1148,6 +1325,14 @@ def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random
                 return _smallnorb_image(image, True, pair), tf.cast(label, tf.int32)
 
             return ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+        if test_crops > 1:
+            offsets = smallnorb_crop_offsets(test_crops)
+
+            def crops(image, label):
+                return _smallnorb_crops(image, offsets), tf.cast(label, tf.int32)
+
+            return ds.map(crops, num_parallel_calls=tf.data.AUTOTUNE)
 
         def centre(image, label):
             return _smallnorb_image(image, False, None), tf.cast(label, tf.int32)
@@ -1175,7 +1360,8 @@ def _check_positive_int(name, value, allow_none=False):
 
 def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch_size=24,
                  training=False, seed=None, shuffle_buffer=None, drop_remainder=False,
-                 random_shift=0):
+                 random_shift=0, smallnorb_split="standard", viewpoints=None, test_crops=1,
+                 download=False):
     """Builds the batched input pipeline of a dataset split.
 
     'tfrecord' (MNIST only) reads ``dataset_dir/mnist_{split}.tfrecord`` (written
@@ -1183,7 +1369,7 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
     whole into memory once per process (``read_image_tfrecord``), so building
     the pipeline of another epoch costs no decoding; 'tfds' reads
     tensorflow-datasets' prepared data from ``dataset_dir`` (tfds' default data
-    directory when None) without downloading.
+    directory when None), downloading only with ``download=True``.
     MNIST and Fashion-MNIST images get the article's ``preprocess_image``;
     smallNORB images are resized to 48x48, then randomly cropped to 32x32 with
     random brightness and contrast (training) or centre-cropped (test), and
@@ -1210,9 +1396,24 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
         image by up to this many pixels in each direction
         (`random_shift_image`, one stateless shift per example derived from
         ``seed``); 0: no shift. smallNORB has its own augmentation.
+      smallnorb_split: smallNORB only: 'standard' (the dataset's train/test
+        split), or the paper's novel-viewpoint experiments (Sec. 5.1,
+        `smallnorb_viewpoint_filter`): 'azimuth' (familiar: azimuths 300 to 40
+        degrees) or 'elevation' (familiar: the 3 smallest elevations).
+      viewpoints: which examples of the split to keep with a novel-viewpoint
+        smallnorb_split: 'familiar', 'novel' or 'all'; None: 'familiar' for the
+        train split (what the paper trains on), 'novel' for the test split
+        (what it reports). With 'standard' only None or 'all'.
+      test_crops: smallNORB test pipeline only: with N > 1 every example is the
+        N crops of `smallnorb_crop_offsets(N)` (the centre first), images
+        float32 (B, N, 32, 32, 1), whose class activations the evaluation
+        averages (the paper's multi-crop test, Sec. 5). 1: the centre crop.
+      download: let tensorflow-datasets download and prepare missing data in
+        ``dataset_dir`` ('tfds' only; needs network access).
 
     Returns:
-      A ``tf.data.Dataset`` of (images float32 (B, H, W, C), labels int32 (B,)).
+      A ``tf.data.Dataset`` of (images float32 (B, H, W, C), labels int32 (B,))
+      ((B, N, H, W, C) images with ``test_crops=N > 1``).
 
     Raises:
       DataError: for an unknown name, split or data source, a bad argument, or
@@ -1241,6 +1442,14 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
     if random_shift and info.name == "smallnorb":
         raise DataError("random_shift applies to MNIST-like datasets; smallnorb is augmented "
                         "with random crops already")
+    _check_viewpoints(info, smallnorb_split, viewpoints)
+    smallnorb_crop_offsets(test_crops)  # checks it
+    if test_crops != 1 and (info.name != "smallnorb" or training):
+        raise DataError(f"test_crops={test_crops!r} applies to the smallnorb test pipeline "
+                        f"(training=False) only; use test_crops=1")
+    if download and data_source != "tfds":
+        raise DataError(f"download=True applies to data_source='tfds', not {data_source!r} "
+                        f"(MNIST TFRecords: download_and_convert_mnist.py)")
 
     if data_source == "tfrecord":
         if info.name == "smallnorb":
@@ -1252,7 +1461,7 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                                batch_size, drop_remainder, random_shift)
     else:
         ds = _tfds_examples(info, split, dataset_dir, training, seed, buffer_size,
-                            random_shift)
+                            random_shift, smallnorb_split, viewpoints, test_crops, download)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     # tf.data's autotuning off: with it, ending an epoch's iterator while the training step
     # holds the cores waited 6-8 s in half of the epochs (docs/data_pipeline.md); the data

@@ -50,7 +50,7 @@ ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm")
 COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_lambda",
                     "variance_floor", "assignment_gradient", "transform_stddev", "batch_size",
                     "seed", "clip_norm", "margin_schedule", "margin_ramp_epochs",
-                    "random_shift", "data_source")
+                    "random_shift", "data_source", "smallnorb_split")
 
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
@@ -61,7 +61,7 @@ OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_st
 MODEL_KEYS = ARCHITECTURE_KEYS + (
     "recipe", "routing", "iterations", "stable_routing", "final_lambda", "variance_floor",
     "assignment_gradient", "transform_stddev", "batch_size", "margin_schedule",
-    "margin_ramp_epochs")
+    "margin_ramp_epochs", "smallnorb_split")
 
 CONFIG_FILE = "config.json"
 
@@ -89,6 +89,21 @@ class TrainConfig:
       dataset: 'mnist', 'fashion_mnist' or 'smallnorb'.
       data_source: 'tfrecord' (the article's MNIST TFRecords) or 'tfds'.
       dataset_dir: directory of the TFRecords (or tfds' data_dir).
+      smallnorb_split: smallNORB's "standard" train/test split, or one of the
+        paper's novel-viewpoint experiments (Sec. 5.1, `capsem.datasets.
+        smallnorb_viewpoint_filter`): "azimuth" or "elevation", which train on
+        the familiar viewpoints of the training split and evaluate on the test
+        split's `eval_viewpoints`.
+      eval_viewpoints: with a novel-viewpoint smallnorb_split, the test
+        examples evaluated: "novel" (default, what the paper reports),
+        "familiar" (to match models on familiar viewpoints, as the paper's
+        Tab. 2 does) or "all"; ignored with "standard".
+      test_crops: evaluation averages the class activations over this many
+        crops of each 48 x 48 resized smallNORB test image (the paper's
+        multi-crop test, Sec. 5; `capsem.datasets.smallnorb_crop_offsets`);
+        1: the centre crop.
+      download: let tensorflow-datasets download and prepare missing data
+        (data_source "tfds" only).
       source_dir: directory of the MNIST IDX .gz files the TFRecords are made
         from on first use (None: do not convert).
       model: "capsules" (default: the capsule network, trained with the
@@ -163,6 +178,10 @@ class TrainConfig:
     dataset: str = "mnist"
     data_source: str = "tfrecord"
     dataset_dir: str = datasets.DEFAULT_MNIST_DIR
+    smallnorb_split: str = "standard"
+    eval_viewpoints: str = "novel"
+    test_crops: int = 1
+    download: bool = False
     source_dir: str = None
     model: str = "capsules"
     log_dir: str = os.path.join("logs", "mnist")
@@ -216,6 +235,29 @@ class TrainConfig:
         if self.data_source not in datasets.DATA_SOURCES:
             raise ConfigError(f"data_source must be one of {', '.join(datasets.DATA_SOURCES)}, "
                               f"got {self.data_source!r}")
+        if self.smallnorb_split not in datasets.SMALLNORB_SPLITS:
+            raise ConfigError(f"smallnorb_split must be one of "
+                              f"{', '.join(datasets.SMALLNORB_SPLITS)}, got "
+                              f"{self.smallnorb_split!r}")
+        if self.smallnorb_split != "standard" and self.dataset != "smallnorb":
+            raise ConfigError(f"smallnorb_split={self.smallnorb_split!r} needs "
+                              f"dataset='smallnorb', got {self.dataset!r}")
+        if self.eval_viewpoints not in datasets.VIEWPOINTS:
+            raise ConfigError(f"eval_viewpoints must be one of {', '.join(datasets.VIEWPOINTS)}"
+                              f", got {self.eval_viewpoints!r}")
+        if isinstance(self.test_crops, bool) or not isinstance(self.test_crops, int) or \
+                not 1 <= self.test_crops <= datasets.MAX_TEST_CROPS:
+            raise ConfigError(f"test_crops must be an integer in [1, {datasets.MAX_TEST_CROPS}]"
+                              f", got {self.test_crops!r}")
+        if self.test_crops != 1 and self.dataset != "smallnorb":
+            raise ConfigError(f"test_crops={self.test_crops!r} needs dataset='smallnorb' (it "
+                              f"crops the 48x48 resized images), got {self.dataset!r}")
+        if not isinstance(self.download, bool):
+            raise ConfigError(f"download must be True or False, got {self.download!r}")
+        if self.download and self.data_source != "tfds":
+            raise ConfigError(f"download=True needs data_source='tfds', got "
+                              f"{self.data_source!r} (MNIST TFRecords: "
+                              f"download_and_convert_mnist.py)")
         for name in ("batch_size", "eval_batch_size", "iterations", "A", "B", "C", "D",
                      "log_every_steps", "keep_checkpoints", "max_bad_steps"):
             value = getattr(self, name)
@@ -412,6 +454,52 @@ def _write_json_atomically(path, obj):
     os.replace(tmp, path)
 
 
+def eval_viewpoints(config, viewpoints=None):
+    """The `viewpoints` argument of `datasets.make_dataset` for the test split of `config`.
+
+    Args:
+      config: a TrainConfig.
+      viewpoints: one of `datasets.VIEWPOINTS` to use instead of
+        `config.eval_viewpoints`.
+
+    Returns:
+      `viewpoints` or `config.eval_viewpoints` for a novel-viewpoint
+      smallnorb_split; "all" for the standard split.
+    """
+    if config.smallnorb_split == "standard":
+        return "all"
+    return viewpoints or config.eval_viewpoints
+
+
+def test_dataset(config, viewpoints=None):
+    """The evaluation pipeline of `config`: its test split, viewpoints and crops.
+
+    Args:
+      config: a TrainConfig.
+      viewpoints: see `eval_viewpoints` (None: `config.eval_viewpoints`).
+
+    Returns:
+      `datasets.make_dataset(config.dataset, "test", ...)`, batches of
+      `config.eval_batch_size`.
+    """
+    return datasets.make_dataset(config.dataset, "test", dataset_dir=config.dataset_dir,
+                                 data_source=config.data_source,
+                                 batch_size=config.eval_batch_size,
+                                 smallnorb_split=config.smallnorb_split,
+                                 viewpoints=eval_viewpoints(config, viewpoints),
+                                 test_crops=config.test_crops, download=config.download)
+
+
+def describe_test_set(config):
+    """What `test_dataset(config)` evaluates, for log lines: "" for the plain test set."""
+    parts = []
+    if config.smallnorb_split != "standard":
+        parts.append(f"{config.smallnorb_split} split, {eval_viewpoints(config)} viewpoints")
+    if config.test_crops > 1:
+        parts.append(f"{config.test_crops} crops averaged")
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
 def prepare_data(config):
     """Makes sure the data exists (converting the MNIST IDX files on first use) and checks it.
 
@@ -427,7 +515,11 @@ def prepare_data(config):
     if config.data_source != "tfrecord":
         # The sizes of the prepared splits, not DatasetInfo's constants (a smaller split
         # would otherwise end every epoch early).
-        sizes = datasets.tfds_split_sizes(config.dataset, config.dataset_dir)
+        # For a novel-viewpoint smallnorb_split: the familiar training examples and the
+        # evaluated test examples (`eval_viewpoints`), counted from their labels.
+        sizes = datasets.tfds_split_sizes(
+            config.dataset, config.dataset_dir, smallnorb_split=config.smallnorb_split,
+            viewpoints=eval_viewpoints(config), download=config.download)
         return sizes["train"], sizes["test"]
     if config.source_dir:
         # Idempotent: a no-op (checked against the sidecar files) when valid output exists;
@@ -769,18 +861,42 @@ def _restore_checkpoint(checkpoint, candidates, log_dir):
 # ---------------------------------------------------------------------------
 
 
+def crop_averaged_activations(eval_fn, images):
+    """The class activations of `eval_fn` on a batch, averaged over test crops.
+
+    The paper's multi-crop test (Sec. 5: "If we average class activations over
+    multiple crops at test time we achieve 1.4%").
+
+    Args:
+      eval_fn: `images (N, H, W, C) -> (poses, activations (N, classes))`.
+      images: a batch `(B, H, W, C)`, or `(B, K, H, W, C)` of K crops per example
+        (`datasets.make_dataset(test_crops=K)`).
+
+    Returns:
+      the activations `(B, classes)`: of the images, or the mean over the K crops.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank != 5:
+        return eval_fn(images)[1]
+    batch, crops = tf.shape(images)[0], images.shape[1]
+    _, activations = eval_fn(tf.reshape(images, [-1, *images.shape[2:]]))
+    return tf.reduce_mean(tf.reshape(activations, [batch, crops, -1]), axis=1)
+
+
 def run_evaluation(model, eval_fn, dataset, num_classes, margin, loss_fn=None):
     """Accuracy, summed loss and confusion matrix of a model on a dataset.
 
     `loss_fn(labels, activations, margin)`: the loss (`loss_function`); None:
-    the spread loss.
+    the spread loss. With images of K test crops per example `(B, K, H, W, C)`
+    the accuracy and loss use the class activations averaged over the crops
+    (`crop_averaged_activations`).
     """
     loss_fn = loss_fn or losses.spread_loss_from_labels
     confusion = np.zeros((num_classes, num_classes), np.int64)
     total_loss = 0.0
     count = 0
     for images, labels in dataset:
-        _, activations = eval_fn(images)
+        activations = crop_averaged_activations(eval_fn, images)
         pred = np.argmax(activations.numpy(), axis=-1)
         labels = labels.numpy()
         np.add.at(confusion, (labels, pred), 1)
@@ -912,16 +1028,15 @@ def evaluate(config, checkpoint_path=None, explicit=()):
     model, global_step, path = restore_model(config, checkpoint_path)
     steps_per_epoch = math.ceil(num_train / config.batch_size)
     margin = margin_function(config, num_train)(int(global_step.numpy()))
-    test_ds = datasets.make_dataset(config.dataset, "test", dataset_dir=config.dataset_dir,
-                                    data_source=config.data_source,
-                                    batch_size=config.eval_batch_size)
+    test_ds = test_dataset(config)
     eval_fn = step_lib.make_eval_step(model, config.jit_compile, config.routing_kernels)
     result = run_evaluation(model, eval_fn, test_ds, info.num_classes, margin,
                             loss_function(config))
     result.update(step=int(global_step.numpy()), checkpoint=path,
                   epoch=int(global_step.numpy()) / steps_per_epoch)
-    logging.info("Evaluation of %s (step %d): accuracy %.4f, loss %.4f (mean %.5f) on %d "
-                 "examples\nconfusion matrix:\n%s", path, result["step"], result["accuracy"],
+    logging.info("Evaluation of %s (step %d)%s: accuracy %.4f, loss %.4f (mean %.5f) on %d "
+                 "examples\nconfusion matrix:\n%s", path, result["step"],
+                 describe_test_set(config), result["accuracy"],
                  result["loss"], result["mean_loss"], result["examples"],
                  format_confusion(result["confusion"]))
     return result
@@ -1104,20 +1219,20 @@ class _Trainer:
                                    data_source=self.config.data_source,
                                    batch_size=self.config.batch_size, training=True,
                                    seed=self.config.seed + epoch,
-                                   random_shift=self.config.random_shift)
+                                   random_shift=self.config.random_shift,
+                                   smallnorb_split=self.config.smallnorb_split,
+                                   download=self.config.download)
         return ds.skip(skip) if skip else ds
 
     def evaluate_and_log(self, step):
         margin = self.margin_fn(step)
-        test_ds = datasets.make_dataset(self.config.dataset, "test",
-                                        dataset_dir=self.config.dataset_dir,
-                                        data_source=self.config.data_source,
-                                        batch_size=self.config.eval_batch_size)
+        test_ds = test_dataset(self.config)
         start = time.time()
         result = run_evaluation(self.model, self.eval_fn, test_ds, self.info.num_classes, margin,
                                 loss_function(self.config))
-        logging.info("Test at step %d: accuracy %.4f, loss %.4f (mean %.5f), %d examples in "
-                     "%.1f s\nconfusion matrix:\n%s", step, result["accuracy"], result["loss"],
+        logging.info("Test at step %d%s: accuracy %.4f, loss %.4f (mean %.5f), %d examples in "
+                     "%.1f s\nconfusion matrix:\n%s", step, describe_test_set(self.config),
+                     result["accuracy"], result["loss"],
                      result["mean_loss"], result["examples"], time.time() - start,
                      format_confusion(result["confusion"]))
         with self.writer.as_default(step=step):
