@@ -977,6 +977,21 @@ def restore_model(config, checkpoint_path=None):
     return model, global_step, path
 
 
+def run_config(log_dir):
+    """The TrainConfig of a training run, from its log_dir's config.json.
+
+    Raises:
+      CheckpointError: no config.json in log_dir.
+    """
+    saved = read_saved_config(log_dir)
+    if not saved:
+        raise CheckpointError(f"{log_dir}: no {CONFIG_FILE}; pass the --log_dir of a training "
+                              f"run (train.py writes it)")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    return dataclasses.replace(config, log_dir=log_dir)
+
+
 def load_trained(log_dir, checkpoint_path=None, models=MODELS, tool="this tool"):
     """A trained network from a training run's log_dir, built as its config.json says.
 
@@ -996,13 +1011,7 @@ def load_trained(log_dir, checkpoint_path=None, models=MODELS, tool="this tool")
         does not fit.
       ConfigError: a model the tool does not accept.
     """
-    saved = read_saved_config(log_dir)
-    if not saved:
-        raise CheckpointError(f"{log_dir}: no {CONFIG_FILE}; pass the --log_dir of a training "
-                              f"run (train.py writes it)")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    config = dataclasses.replace(config, log_dir=log_dir)
+    config = run_config(log_dir)
     if config.model not in models:
         raise ConfigError(f"{log_dir} holds a --model={config.model} network; {tool} takes "
                           f"--model={' or '.join(models)} networks")

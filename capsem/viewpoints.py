@@ -37,18 +37,14 @@ def viewpoint_report(log_dirs, checkpoints=None, dataset_dir=None, test_crops=No
     Raises:
       ConfigError: a run that is not a smallNORB novel-viewpoint run, or runs with
         different splits.
+      CheckpointError: a log_dir without config.json or checkpoint.
     """
     checkpoints = list(checkpoints or [None] * len(log_dirs))
     if len(checkpoints) != len(log_dirs):
         raise ConfigError(f"{len(checkpoints)} checkpoints for {len(log_dirs)} log_dirs")
     rows, splits = [], set()
     for log_dir, checkpoint in zip(log_dirs, checkpoints):
-        saved = training.read_saved_config(log_dir)
-        if not saved:
-            raise ConfigError(f"{log_dir}: no {training.CONFIG_FILE}; pass the --log_dir of "
-                              f"a train.py run")
-        fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
-        config = training.TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+        config = training.run_config(log_dir)
         split = config.smallnorb_split
         if config.dataset != "smallnorb" or split == "standard":
             raise ConfigError(f"{log_dir} was trained with dataset={config.dataset}, "
@@ -56,7 +52,7 @@ def viewpoint_report(log_dirs, checkpoints=None, dataset_dir=None, test_crops=No
                               f"--dataset=smallnorb --smallnorb_split=azimuth or elevation")
         splits.add(split)
         config = dataclasses.replace(
-            config, log_dir=log_dir, dataset_dir=dataset_dir or config.dataset_dir,
+            config, dataset_dir=dataset_dir or config.dataset_dir,
             test_crops=test_crops or config.test_crops)
         for viewpoints in REPORTED:
             result = training.evaluate(dataclasses.replace(config, eval_viewpoints=viewpoints),
