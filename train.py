@@ -71,8 +71,13 @@ def main(argv):
         if FLAGS.mode == "train":
             result = training.train(config)
             if result["test"]:
-                logging.info("Final test accuracy %.4f at step %d", result["test"]["accuracy"],
-                             result["step"])
+                # The step of the last evaluation, which a stopped run did not repeat.
+                tested_at = result["history"]["test"][-1][0]
+                logging.info("%s test accuracy %.4f at step %d%s",
+                             "Last" if tested_at != result["step"] else "Final",
+                             result["test"]["accuracy"], tested_at,
+                             f" (training stopped at step {result['step']})"
+                             if tested_at != result["step"] else "")
         else:
             training.evaluate(config, FLAGS.checkpoint,
                               explicit=cap_config.explicit_settings(FLAGS))

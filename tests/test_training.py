@@ -60,6 +60,7 @@ def test_train_py_end_to_end_summaries_checkpoints_and_resume(tmp_path):
     assert "No checkpoint in" in log and "3 steps per epoch" in log
     assert "step 6/6 (100.0%) loss" in log and "steps/s" in log and "ETA" in log
     assert log.count("Test at step") == 2 and "confusion matrix" in log
+    assert re.search(r"Final test accuracy \d\.\d{4} at step 6\n", log), log[-2000:]
 
     # Two checkpoints are kept, the state file names the last, the flags are saved.
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(log_dir, "ckpt-*.index"))) \
