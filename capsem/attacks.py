@@ -64,7 +64,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from capsem import baseline, datasets, losses, training, visualize
+from capsem import baseline, datasets, losses, outputs, training, visualize
 from capsem import step as step_lib
 from capsem.errors import ConfigError
 
@@ -489,15 +489,7 @@ def check_out_dir(out_dir, overwrite=False):
     Raises:
       ConfigError: naming the first output that exists (or `out_dir`).
     """
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir} exists and is not a directory")
-    if overwrite:
-        return
-    for name in OUTPUTS:
-        path = os.path.join(out_dir, name)
-        if os.path.lexists(path):
-            raise ConfigError(f"{path} exists: attack.py does not overwrite files; pass "
-                              f"--overwrite or another --out")
+    outputs.check_out_dir(out_dir, OUTPUTS, "attack.py", overwrite)
 
 
 def _write_atomically(path, write):

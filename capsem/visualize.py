@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-from capsem import datasets, diagnostics, ops
+from capsem import datasets, diagnostics, ops, outputs
 from capsem.errors import ConfigError, DataError
 
 #: The capsule layer whose capsules are the classes.
@@ -540,15 +540,7 @@ def check_out_dir(out_dir, names, overwrite=False):
     Raises:
       ConfigError: naming the first file that exists (or `out_dir`).
     """
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir} exists and is not a directory")
-    if overwrite:
-        return
-    for name in names:
-        path = os.path.join(out_dir, name)
-        if os.path.lexists(path):
-            raise ConfigError(f"{path} exists: visualize.py does not overwrite files; pass "
-                              f"--overwrite or another --out")
+    outputs.check_out_dir(out_dir, names, "visualize.py", overwrite)
 
 
 def load_test_images(config, first_image, num_images, dataset_dir=None):
