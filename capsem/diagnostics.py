@@ -52,12 +52,14 @@ def capsule_outputs(model, images, votes=False):
     return out
 
 
-def capsule_details(model, images):
+def capsule_details(model, images, outputs=None):
     """What TensorBoard's histograms show of a `capsules_net` model (`capsule_outputs`).
 
     Args:
       model: a model from `capsem.nets.capsules_net`.
       images: a (small) batch of preprocessed images.
+      outputs: `capsule_outputs(model, images, votes=True)` if the caller has
+        them; None: computed here.
 
     Returns:
       a dict `{name: tensor}` with `activations/<layer>` for primary_caps,
@@ -65,8 +67,9 @@ def capsule_details(model, images):
       `routing/<layer>` (the assignments of the last EM iteration) for the
       three routing layers.
     """
-    return {name: tensor for name, tensor in capsule_outputs(model, images, votes=True).items()
-            if not name.startswith("poses/")}
+    if outputs is None:
+        outputs = capsule_outputs(model, images, votes=True)
+    return {name: tensor for name, tensor in outputs.items() if not name.startswith("poses/")}
 
 
 #: Tensors with more values are histogrammed on an evenly strided sample of

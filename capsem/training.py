@@ -1257,11 +1257,13 @@ class _Trainer:
                 baseline.write_histograms(self.model, images[:4])
             self.writer.flush()
             return
-        details = diagnostics.capsule_details(self.model, images[:4])
+        # One pass of the capsule layers for both the histograms and the pictures.
+        outputs = diagnostics.capsule_outputs(self.model, images[:4], votes=True)
         with self.writer.as_default(step=step):
-            diagnostics.write_histograms(details)
+            diagnostics.write_histograms(
+                diagnostics.capsule_details(self.model, images[:4], outputs))
             visualize.write_image_summaries(self.model, images[:4], labels[:4],
-                                            dataset=self.config.dataset)
+                                            dataset=self.config.dataset, outputs=outputs)
         self.writer.flush()
 
     def run(self, stop):

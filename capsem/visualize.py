@@ -210,7 +210,7 @@ def pose_study(model, outputs, classes, offsets):
     return study, predicted
 
 
-def picture_data(model, images, labels=None, offsets=None):
+def picture_data(model, images, labels=None, offsets=None, outputs=None):
     """Everything the pictures show, as numpy arrays.
 
     Args:
@@ -219,6 +219,8 @@ def picture_data(model, images, labels=None, offsets=None):
       labels: `(N,)` true classes, or None.
       offsets: the pose study's offsets `(S,)` (`pose_offsets`), or None
         for no pose study.
+      outputs: `capsule_outputs(model, images)` if the caller has them
+        (e.g. the trainer, for its histograms too); None: computed here.
 
     Returns:
       a dict with `images`, `labels` (or None), `predictions` `(N,)`,
@@ -232,7 +234,8 @@ def picture_data(model, images, labels=None, offsets=None):
       (`pose_study`) and `pose_rms` `(N,)` (the root mean square of the
       ConvCaps2 pose elements, the scale of the offsets).
     """
-    outputs = capsule_outputs(model, images)
+    if outputs is None:
+        outputs = capsule_outputs(model, images)
     class_acts = np.asarray(outputs[f"activations/{CLASS_LAYER}"])  # (N, E)
     predictions = class_acts.argmax(axis=-1)  # (N,)
     data = {"images": np.asarray(images), "labels": None if labels is None else np.asarray(labels),
@@ -720,7 +723,8 @@ def summary_images(data, dataset=None):
     return {SUMMARY_PREFIX + tag: images for tag, images in out.items()}
 
 
-def write_image_summaries(model, images, labels=None, step=None, max_outputs=4, dataset=None):
+def write_image_summaries(model, images, labels=None, step=None, max_outputs=4, dataset=None,
+                          outputs=None):
     """Writes TensorBoard images of a batch's capsules and routing.
 
     Call inside `with writer.as_default(step=step):` (or pass `step`). Writes
@@ -739,6 +743,8 @@ def write_image_summaries(model, images, labels=None, step=None, max_outputs=4, 
       max_outputs: at most this many images are pictured.
       dataset: the dataset's name, for `display_images` (None: stretch each
         image to 0..255).
+      outputs: `capsule_outputs(model, images[:max_outputs])` if the caller
+        has them; None: computed here.
 
     Returns:
       the tags written.
@@ -746,7 +752,7 @@ def write_image_summaries(model, images, labels=None, step=None, max_outputs=4, 
     images = images[:max_outputs]
     if labels is not None:
         labels = np.asarray(labels)[:max_outputs]
-    data = picture_data(model, images, labels)
+    data = picture_data(model, images, labels, outputs=outputs)
     pictures = summary_images(data, dataset)
     for tag, values in pictures.items():
         tf.summary.image(tag, values, step=step, max_outputs=max_outputs)

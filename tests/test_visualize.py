@@ -78,6 +78,29 @@ def test_capsule_outputs_are_the_models_and_routing_rows_sum_to_one(batch_norm):
                                mass / mass.sum(axis=-1, keepdims=True), atol=1e-6)
 
 
+def test_given_outputs_are_used_as_they_are():
+    """The trainer passes one `capsule_outputs(..., votes=True)` to both the histograms and
+    the pictures: the pictures of given outputs equal those computed inside, and the given
+    ones are really used (pictures of another batch's outputs differ)."""
+    from capsem import diagnostics
+    model = nets.capsules_net(**TINY)
+    images, other = _images(2, seed=3), _images(2, seed=4)
+    outputs = diagnostics.capsule_outputs(model, images, votes=True)
+    inside = vis.picture_data(model, images, labels=np.array([1, 2]))
+    given = vis.picture_data(model, images, labels=np.array([1, 2]), outputs=outputs)
+    assert set(inside) == set(given)
+    for key in inside:
+        if inside[key] is not None:
+            np.testing.assert_array_equal(given[key], inside[key], err_msg=key)
+    foreign = vis.picture_data(model, images, outputs=vis.capsule_outputs(model, other))
+    assert not np.allclose(foreign["class_activations"], inside["class_activations"])
+    details = diagnostics.capsule_details(model, images, outputs)
+    assert "votes/conv_caps1" in details and not any(k.startswith("poses/") for k in details)
+    np.testing.assert_array_equal(details["activations/class_capsules"],
+                                  diagnostics.capsule_details(model, images)[
+                                      "activations/class_capsules"])
+
+
 def test_pose_study_recomputes_the_class_layer_on_offset_poses():
     model = nets.capsules_net(**TINY)
     images = _images(2, seed=5)
