@@ -117,7 +117,9 @@ def test_training_the_cnn_lowers_its_loss_and_saves_a_checkpoint(tmp_path, caplo
     before = training.run_evaluation(initial, lambda x: initial(x, training=False), test, 10,
                                      0.2, training.loss_function(config))
 
-    with caplog.at_level(logging.INFO):
+    # The absl logger's own level too: a test run before this one in the same process
+    # (another file, under pytest-xdist) may have left it above INFO.
+    with caplog.at_level(logging.INFO, logger="absl"):
         result = training.train(config)
     assert "Model cnn (baseline_cnn): 3,274,634 parameters" in caplog.text
     assert result["step"] == 9 and result["skipped_steps"] == 0
