@@ -117,8 +117,8 @@ def test_training_the_cnn_lowers_its_loss_and_saves_a_checkpoint(tmp_path, caplo
     before = training.run_evaluation(initial, lambda x: initial(x, training=False), test, 10,
                                      0.2, training.loss_function(config))
 
-    # The absl logger's own level too: a test run before this one in the same process
-    # (another file, under pytest-xdist) may have left it above INFO.
+    # The absl logger's own level too: an earlier test in the same process that parsed
+    # absl flags may have left it at WARNING (seen when the files ran in another order).
     with caplog.at_level(logging.INFO, logger="absl"):
         result = training.train(config)
     assert "Model cnn (baseline_cnn): 3,274,634 parameters" in caplog.text
