@@ -42,7 +42,7 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pytest-xdist>=3"],
         # GPUs: TensorFlow's own way to bring the CUDA libraries (Linux).
         "cuda": ["tensorflow[and-cuda]>=2.16,<2.22"],
     },
