@@ -80,7 +80,9 @@ flags.DEFINE_float("lr_decay_rate", None,
                    "Multiply the learning rate by this every --lr_decay_steps optimizer steps "
                    "(smoothly); 1: constant. Default: the recipe's (1 / 0.96).")
 flags.DEFINE_integer("lr_decay_steps", None,
-                     "See --lr_decay_rate. Default: the recipe's (20000).", lower_bound=1)
+                     "See --lr_decay_rate; 0: the whole run (the rate reaches --learning_rate x "
+                     "--lr_decay_rate at the last step of --epochs or --max_steps). Default: "
+                     "the recipe's (20000).", lower_bound=0)
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
                      "(0: none). Default: the recipe's (0).", lower_bound=0)

@@ -144,7 +144,9 @@ class TrainConfig:
       margin_ramp_epochs: epochs of the linear margin ramp (> 0).
       lr_decay_rate: the learning rate is multiplied by this every
         `lr_decay_steps` optimizer steps, smoothly (1.0: constant).
-      lr_decay_steps: see `lr_decay_rate`.
+      lr_decay_steps: see `lr_decay_rate`; 0: the whole run, i.e. the rate
+        reaches `learning_rate * lr_decay_rate` at the run's last step
+        (`epochs` x steps per epoch, or `max_steps` if sooner).
       random_shift: training images are shifted by up to this many pixels in
         each direction (zero padding, MNIST-like datasets; 0: none).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default, or
@@ -301,10 +303,15 @@ class TrainConfig:
         if not isinstance(self.conv1_batch_norm, bool):
             raise ConfigError(f"conv1_batch_norm must be True or False, "
                               f"got {self.conv1_batch_norm!r}")
-        for name, low in (("lr_decay_steps", 1), ("random_shift", 0)):
+        for name, low in (("lr_decay_steps", 0), ("random_shift", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.lr_decay_steps == 0 and self.lr_decay_rate != 1.0 \
+                and not (self.epochs or self.max_steps):
+            raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
+                              "which needs a length: give epochs or max_steps (> 0), or "
+                              "lr_decay_steps >= 1")
 
     @classmethod
     def from_recipe(cls, recipe="article", **kwargs):
@@ -582,13 +589,28 @@ def margin_function(config, num_train):
     return losses.make_margin_schedule(config.margin_schedule, iterations_per_epoch, ramp)
 
 
-def learning_rate(config):
-    """The learning rate (a schedule when `config.lr_decay_rate` < 1) of a config."""
+def learning_rate(config, total_steps=0):
+    """The learning rate (a schedule when `config.lr_decay_rate` < 1) of a config.
+
+    Args:
+      config: a `TrainConfig`.
+      total_steps: the run's last step; the decay's length where
+        `config.lr_decay_steps` is 0 (it must then be > 0).
+
+    Raises:
+      ConfigError: `lr_decay_steps` is 0 and `total_steps` is not > 0.
+    """
     if config.lr_decay_rate == 1.0:
         return config.learning_rate
+    decay_steps = config.lr_decay_steps
+    if decay_steps == 0:
+        if not total_steps > 0:
+            raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
+                              "which has no last step here: give epochs or max_steps")
+        decay_steps = total_steps
     # IBM's implementation: tf.train.exponential_decay, not staircased.
     return keras.optimizers.schedules.ExponentialDecay(
-        config.learning_rate, config.lr_decay_steps, config.lr_decay_rate)
+        config.learning_rate, decay_steps, config.lr_decay_rate)
 
 
 def make_strategy(distribute):
@@ -1104,7 +1126,13 @@ class _Trainer:
             # The issue's "parameter count printed at start" (paper Sec. 5 compares them).
             logging.info("Model %s (%s): %s parameters", config.model, self.model.name,
                          f"{self.model.count_params():,}")
-            self.optimizer = step_lib.make_optimizer(learning_rate(config), config.adam_epsilon)
+            rate = learning_rate(config, self.total_steps)
+            if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+                logging.info("Learning rate %g, multiplied by %g every %d steps%s",
+                             config.learning_rate, config.lr_decay_rate, rate.decay_steps,
+                             f" ({float(rate(self.total_steps)):.3g} at step "
+                             f"{self.total_steps}, the run's last)" if self.total_steps else "")
+            self.optimizer = step_lib.make_optimizer(rate, config.adam_epsilon)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                            name="global_step")
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from capsem import datasets, losses, recipes, training
 from capsem.errors import ConfigError
-from mnist_fixtures import write_idx, IDX_NAMES
+from mnist_fixtures import IDX_NAMES, make_tiny_tfrecords, write_idx
+from test_training import read_events, tiny_config
 
 
 def test_article_recipe_is_the_default_and_keeps_the_article_values():
@@ -51,6 +52,34 @@ def test_learning_rate_decay():
     np.testing.assert_allclose([float(schedule(0)), float(schedule(100)), float(schedule(50))],
                                [3e-3, 1.5e-3, 3e-3 * 0.5 ** 0.5], rtol=1e-6)
     assert training.learning_rate(training.TrainConfig()) == 1e-3
+
+
+def test_learning_rate_decay_over_the_whole_run():
+    # lr_decay_steps=0: the rate reaches learning_rate * lr_decay_rate at the run's last step.
+    config = training.TrainConfig(learning_rate=4e-3, lr_decay_rate=0.1, lr_decay_steps=0,
+                                  epochs=1)
+    schedule = training.learning_rate(config, total_steps=2500)
+    np.testing.assert_allclose([float(schedule(s)) for s in (0, 1250, 2500)],
+                               [4e-3, 4e-3 * 0.1 ** 0.5, 4e-4], rtol=1e-6)
+    with pytest.raises(ConfigError, match="which has no last step here"):
+        training.learning_rate(config, total_steps=0)
+    # A run without a length cannot decay over it; a constant rate does not need one.
+    with pytest.raises(ConfigError, match="needs a length: give epochs or max_steps"):
+        training.TrainConfig(lr_decay_rate=0.1, lr_decay_steps=0, epochs=0).validate()
+    training.TrainConfig(lr_decay_rate=1.0, lr_decay_steps=0, epochs=0).validate()
+    with pytest.raises(ConfigError, match="lr_decay_steps must be an integer >= 0, got -1"):
+        training.TrainConfig(lr_decay_steps=-1).validate()
+
+
+def test_training_decays_the_rate_over_the_run_it_is_given(tmp_path):
+    _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
+    # 12 images, batch 4: 3 steps per epoch, 2 epochs: the rate is 1e-3 * 0.1^(s/6).
+    training.train(tiny_config(tmp_path, dataset_dir, lr_decay_rate=0.1, lr_decay_steps=0,
+                               eval_every_epoch=False))
+    rates = dict(read_events(str(tmp_path / "logs"))["train/learning_rate"])
+    assert sorted(rates) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([float(rates[s]) for s in (1, 3, 6)],
+                               [1e-3 * 0.1 ** (s / 6) for s in (1, 3, 6)], rtol=1e-5)
 
 
 def test_random_shift_moves_the_digit_and_keeps_the_background():
