@@ -58,7 +58,7 @@ flags.DEFINE_float("final_lambda", None,
                    "lambda_t = final_lambda * (1 - 0.95^(t+1)). Default: the recipe's (1.0).")
 flags.DEFINE_float("variance_floor", None,
                    "Paper routing: added to every variance (a parent with one child must not "
-                   "reach log 0). Default: the recipe's (1e-4).")
+                   "reach log 0). Default: the recipe's (paper 1e-2).")
 flags.DEFINE_bool("assignment_gradient", None,
                   "Paper routing: let the gradient flow through the E-steps' assignments "
                   "(--noassignment_gradient treats them as constants). Default: the recipe's.")
@@ -78,11 +78,11 @@ flags.DEFINE_float("margin_ramp_epochs", None,
                    "recipe's (5).")
 flags.DEFINE_float("lr_decay_rate", None,
                    "Multiply the learning rate by this every --lr_decay_steps optimizer steps "
-                   "(smoothly); 1: constant. Default: the recipe's (1 / 0.96).")
+                   "(smoothly); 1: constant. Default: the recipe's (article 1, paper 0.1).")
 flags.DEFINE_integer("lr_decay_steps", None,
                      "See --lr_decay_rate; 0: the whole run (the rate reaches --learning_rate x "
                      "--lr_decay_rate at the last step of --epochs or --max_steps). Default: "
-                     "the recipe's (20000).", lower_bound=0)
+                     "the recipe's (article 20000, paper 0).", lower_bound=0)
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
                      "(0: none). Default: the recipe's (0).", lower_bound=0)
@@ -107,7 +107,7 @@ flags.DEFINE_integer("test_crops", 1,
                      "(offsets 0, 8, 16). 1: the centre crop only. Each crop costs one forward "
                      "pass.", lower_bound=1, upper_bound=9)
 flags.DEFINE_float("learning_rate", None,
-                   "Adam learning rate. Default: the recipe's (article 1e-3, paper 3e-3).")
+                   "Adam learning rate. Default: the recipe's (article 1e-3, paper 4e-3).")
 flags.DEFINE_float("adam_epsilon", 1e-8,
                    "Adam epsilon (TF1's AdamOptimizer default 1e-8, which the article uses; "
                    "Keras' default would be 1e-7).")

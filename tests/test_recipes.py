@@ -125,7 +125,9 @@ def test_paper_recipe_learns_a_two_class_problem(tmp_path):
         jit_compile=False, learning_rate=None, margin_ramp_epochs=0.5)
     result = training.train(config)
     losses_ = result["history"]["loss"]  # 20 steps per epoch; the margin is 0.9 from step 10
-    assert np.mean(losses_[-10:]) < 0.75 * np.mean(losses_[10:20]), losses_
+    # The recipe's rate decays 10 times over the run's 60 steps, so the loss falls mostly
+    # early: by 19% from steps 10-20 to the last 10 (by 26% at a constant rate).
+    assert np.mean(losses_[-10:]) < 0.85 * np.mean(losses_[10:20]), losses_
     assert result["test"]["accuracy"] >= 0.9, result["test"]  # chance: 0.5
     saved = json.load(open(os.path.join(config.log_dir, "config.json")))
     assert saved["recipe"] == "paper" and saved["routing"] == "paper"
