@@ -80,6 +80,12 @@ def test_training_decays_the_rate_over_the_run_it_is_given(tmp_path):
     assert sorted(rates) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([float(rates[s]) for s in (1, 3, 6)],
                                [1e-3 * 0.1 ** (s / 6) for s in (1, 3, 6)], rtol=1e-5)
+    # Resumed with a third epoch, the decay stretches over the 9 steps of the longer run.
+    training.train(tiny_config(tmp_path, dataset_dir, lr_decay_rate=0.1, lr_decay_steps=0,
+                               epochs=3, eval_every_epoch=False))
+    rates = dict(read_events(str(tmp_path / "logs"))["train/learning_rate"])
+    np.testing.assert_allclose([float(rates[s]) for s in (7, 9)],
+                               [1e-3 * 0.1 ** (s / 9) for s in (7, 9)], rtol=1e-5)
 
 
 def test_random_shift_moves_the_digit_and_keeps_the_background():
