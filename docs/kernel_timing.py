@@ -21,7 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CONFIGS = {"small": dict(A=64, B=8, C=16, D=16), "article": dict(A=32, B=32, C=32, D=32)}
+from capsem.bench import CONFIGS  # noqa: E402  (the network sizes bench.py uses)
+
 LAYERS = ("conv_caps1", "conv_caps2", "class_capsules")
 
 
