@@ -217,7 +217,19 @@ def test_eval_builds_the_network_from_config_json(trained, tmp_path, caplog):
                                   eval_batch_size=5, iterations=3)
     with caplog.at_level("INFO", logger="absl"):
         training.evaluate(config, explicit={"iterations"})
-    assert "Evaluating with iterations=3 (the run was trained with 2)" in caplog.text
+    # A routing setting that differs from the run's is a warning (the network computes
+    # something else), another explicit setting only information.
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and r.name == "absl"]
+    assert any(m.startswith("Evaluating with iterations=3 (the run was trained with 2): the "
+                            "routing then computes") for m in warned), warned
+    caplog.clear()
+    config = training.TrainConfig(dataset_dir=dataset_dir, log_dir=log_dir, jit_compile=False,
+                                  eval_batch_size=5, margin_ramp_epochs=2.0)
+    with caplog.at_level("INFO", logger="absl"):
+        training.evaluate(config, explicit={"margin_ramp_epochs"})
+    assert "Evaluating with margin_ramp_epochs=2.0 (the run was trained with" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "absl"]
     # train.py --mode=eval without the architecture flags.
     out = run_train([f"--dataset_dir={dataset_dir}", "--source_dir=", f"--log_dir={log_dir}",
                      "--mode=eval", "--jit_compile=false", "--eval_batch_size=5"])
