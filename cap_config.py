@@ -43,10 +43,11 @@ flags.DEFINE_enum(
     "recipe", "article", ["article", "paper"],
     "Training recipe (capsem.recipes): 'article' reproduces the article's code exactly; "
     "'paper' uses the paper's EM routing and schedule (README, Choosing a recipe). It sets "
-    "--routing, --iterations, --final_lambda, --variance_floor, --assignment_gradient, "
+    "--routing, --iterations, --final_lambda, --lambda_schedule, --lambda_start, "
+    "--lambda_growth, --routing_cost, --variance_floor, --assignment_gradient, --batch_size, "
     "--transform_stddev, --margin_schedule, "
     "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
-    "--random_shift and --conv1_batch_norm wherever these are not given; config.json records the values used.")
+    "--random_shift, --conv1_batch_norm and --conv1_padding wherever these are not given; config.json records the values used.")
 flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
     "EM routing: 'article' (the article's code: independent routing per position, cost "
@@ -55,7 +56,29 @@ flags.DEFINE_enum(
     "floor, normalised data per parent). Default: the recipe's (article / paper).")
 flags.DEFINE_float("final_lambda", None,
                    "Paper routing: scale of the inverse temperature schedule "
-                   "lambda_t = final_lambda * (1 - 0.95^(t+1)). Default: the recipe's (1.0).")
+                   "lambda_t = final_lambda * (1 - 0.95^(t+1)) (--lambda_schedule=iterations), "
+                   "or the largest inverse temperature of the ramp. Default: the recipe's "
+                   "(1.0).")
+flags.DEFINE_enum("lambda_schedule", None, ["iterations", "ramp"],
+                  "Paper routing's inverse temperature: 'iterations' (final_lambda * "
+                  "(1 - 0.95^(t+1)) at iteration t, constant through training; IBM's "
+                  "implementation) or 'ramp' (min(final_lambda, lambda_start + lambda_growth "
+                  "x epochs trained) at every iteration; YuxianMeng's). 'ramp' adds a "
+                  "non-trainable weight to each capsule layer. Default: the recipe's (paper "
+                  "ramp).")
+flags.DEFINE_enum("routing_cost", None, ["normalised", "unnormalised"],
+                  "Paper routing's M-step: 'normalised' (the data assigned to a parent "
+                  "normalised, Gritzman 2019's pitfall 3; cost on log sigma) or "
+                  "'unnormalised' (YuxianMeng's implementation: the paper's procedure 1 as "
+                  "written, initial assignments 1/(all parents), cost on log sigma^2, "
+                  "variance clamped at --variance_floor). Default: the recipe's (paper "
+                  "unnormalised).")
+flags.DEFINE_float("lambda_start", None,
+                   "--lambda_schedule=ramp: the inverse temperature at step 0 (> 0). Default: "
+                   "the recipe's (1e-3).")
+flags.DEFINE_float("lambda_growth", None,
+                   "--lambda_schedule=ramp: the inverse temperature's growth per epoch (>= 0). "
+                   "Default: the recipe's (0.1).")
 flags.DEFINE_float("variance_floor", None,
                    "Paper routing: added to every variance (a parent with one child must not "
                    "reach log 0). Default: the recipe's (paper 1e-2).")
@@ -69,16 +92,20 @@ flags.DEFINE_bool("conv1_batch_norm", None,
                   "Batch normalisation between ReLU Conv1's convolution and its ReLU "
                   "(yl-1993's PyTorch code); changes the network's variables. Default: the "
                   "recipe's (off in both).")
+flags.DEFINE_enum("conv1_padding", None, ["same", "valid"],
+                  "ReLU Conv1's padding: 'same' (the article: a 14x14 grid for MNIST) or "
+                  "'valid' (12x12, YuxianMeng's and yl-1993's PyTorch code); changes the "
+                  "network's grids. Default: the recipe's (article same, paper valid).")
 flags.DEFINE_enum("margin_schedule", None, ["article", "linear"],
                   "Spread-loss margin: 'article' (0.2, +0.1 per epoch, 0.9 after 7 epochs) or "
                   "'linear' (0.2 to 0.9 linearly over --margin_ramp_epochs, the paper). "
                   "Default: the recipe's (article / linear).")
 flags.DEFINE_float("margin_ramp_epochs", None,
                    "Epochs of the linear margin ramp (--margin_schedule=linear). Default: the "
-                   "recipe's (5).")
+                   "recipe's (paper 7: 0.1 per epoch).")
 flags.DEFINE_float("lr_decay_rate", None,
                    "Multiply the learning rate by this every --lr_decay_steps optimizer steps "
-                   "(smoothly); 1: constant. Default: the recipe's (article 1, paper 0.1).")
+                   "(smoothly); 1: constant. Default: the recipe's (1 in both).")
 flags.DEFINE_integer("lr_decay_steps", None,
                      "See --lr_decay_rate; 0: the whole run (the rate reaches --learning_rate x "
                      "--lr_decay_rate at the last step of --epochs or --max_steps). Default: "
@@ -88,8 +115,9 @@ flags.DEFINE_integer("random_shift", None,
                      "(0: none). Default: the recipe's (0).", lower_bound=0)
 
 # --- training --------------------------------------------------------------
-flags.DEFINE_integer("batch_size", 24,
-                     "Training batch size (the article: 24). With --distribute it is the GLOBAL "
+flags.DEFINE_integer("batch_size", None,
+                     "Training batch size. Default: the recipe's (article 24, paper 64). With "
+                     "--distribute it is the GLOBAL "
                      "batch: split over all replicas of all workers, the step's loss and "
                      "gradients are summed over all of it.", lower_bound=1)
 flags.DEFINE_enum("distribute", "none", ["none", "mirrored", "multi_worker"],
@@ -107,7 +135,7 @@ flags.DEFINE_integer("test_crops", 1,
                      "(offsets 0, 8, 16). 1: the centre crop only. Each crop costs one forward "
                      "pass.", lower_bound=1, upper_bound=9)
 flags.DEFINE_float("learning_rate", None,
-                   "Adam learning rate. Default: the recipe's (article 1e-3, paper 4e-3).")
+                   "Adam learning rate. Default: the recipe's (article 1e-3, paper 2e-2).")
 flags.DEFINE_float("adam_epsilon", 1e-8,
                    "Adam epsilon (TF1's AdamOptimizer default 1e-8, which the article uses; "
                    "Keras' default would be 1e-7).")
@@ -187,7 +215,7 @@ flags.DEFINE_bool("allow_config_change", False,
 
 # Settings a recipe decides are None when not given; given, they must be > 0.
 for _name in ("learning_rate", "final_lambda", "variance_floor", "transform_stddev",
-              "margin_ramp_epochs"):
+              "margin_ramp_epochs", "lambda_start"):
     flags.register_validator(_name, lambda value: value is None or value > 0,
                              message=f"--{_name} must be > 0")
 
@@ -195,6 +223,11 @@ for _name in ("learning_rate", "final_lambda", "variance_floor", "transform_stdd
 @flags.validator("lr_decay_rate", message="--lr_decay_rate must be in (0, 1] (1: no decay)")
 def _decay(value):
     return value is None or 0 < value <= 1
+
+
+@flags.validator("lambda_growth", message="--lambda_growth must be >= 0")
+def _growth(value):
+    return value is None or value >= 0
 
 
 @flags.validator("adam_epsilon", message="--adam_epsilon must be > 0")
@@ -215,11 +248,14 @@ def config_from_flags(values):
     return TrainConfig.from_recipe(
         values.recipe,
         routing=values.routing, iterations=values.iterations, final_lambda=values.final_lambda,
+        lambda_schedule=values.lambda_schedule, lambda_start=values.lambda_start,
+        lambda_growth=values.lambda_growth, routing_cost=values.routing_cost,
         transform_stddev=values.transform_stddev, variance_floor=values.variance_floor,
         assignment_gradient=values.assignment_gradient, margin_schedule=values.margin_schedule,
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
         random_shift=values.random_shift, conv1_batch_norm=values.conv1_batch_norm,
+        conv1_padding=values.conv1_padding,
         model=values.model, dataset=values.dataset, data_source=data_source,
         dataset_dir=dataset_dir, smallnorb_split=values.smallnorb_split,
         eval_viewpoints=values.eval_viewpoints, test_crops=values.test_crops,

@@ -51,7 +51,7 @@ def define_flags():
                          lower_bound=1)
     flags.DEFINE_integer("iterations", None,
                          "EM routing iterations of every capsule layer. Default: the "
-                         "--recipe's (article 3, paper 2), as train.py.", lower_bound=1)
+                         "--recipe's (article 3, paper 1), as train.py.", lower_bound=1)
     flags.DEFINE_integer("num_classes", 10, "Number of class capsules.", lower_bound=2)
     flags.DEFINE_integer("image_size", 28, "Height and width of the (square) input images.",
                          lower_bound=13)
@@ -140,7 +140,12 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
                               variance_floor=settings["variance_floor"],
                               assignment_gradient=settings["assignment_gradient"],
                               transform_stddev=settings["transform_stddev"],
-                              conv1_batch_norm=settings["conv1_batch_norm"], **abcd)
+                              conv1_batch_norm=settings["conv1_batch_norm"],
+                              inverse_temperature=(settings["lambda_start"]
+                                                   if settings["lambda_schedule"] == "ramp"
+                                                   else None),
+                              routing_cost=settings["routing_cost"],
+                              conv1_padding=settings["conv1_padding"], **abcd)
     rng = np.random.RandomState(seed)
     # Preprocessed images lie in [-1, 1); labels are uniform over the classes.
     images = tf.constant(rng.uniform(-1.0, 1.0, (batch_size, image_size, image_size, channels))
@@ -148,8 +153,15 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     labels = tf.constant(rng.randint(0, num_classes, batch_size).astype(np.int32))
 
     kwargs = {} if jit is None else {"jit_compile": jit}
+    covered = recipes.native_kernels_cover(settings["lambda_schedule"], settings["routing_cost"])
+    if routing_kernels == "native" and not covered:
+        raise ValueError(f"routing_kernels='native' does not implement the {recipe} recipe's "
+                         f"lambda_schedule={settings['lambda_schedule']!r} and routing_cost="
+                         f"{settings['routing_cost']!r}; use 'auto' or 'xla'")
     routing_kernels = step_lib.resolve_routing_kernels(routing_kernels,
                                                        step_lib.compute_devices())
+    if not covered:
+        routing_kernels = "xla"  # as train.py: the native ops implement neither option
     kwargs["routing_kernels"] = routing_kernels
     if mode == "train":
         if micro_batch_size is not None:

@@ -221,7 +221,7 @@ class _RoutingLayer(keras.layers.Layer):
     def __init__(self, capsules, iterations, stable, transform_initializer,
                  beta_initializer, routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
                  variance_floor=paper_routing.VARIANCE_FLOOR, assignment_gradient=True,
-                 **kwargs):
+                 inverse_temperature=None, routing_cost="normalised", **kwargs):
         super().__init__(**_float32_by_default(kwargs))
         _check_routing_dtype(self)
         self.capsules = _check_positive_int(capsules, "capsules")
@@ -244,10 +244,39 @@ class _RoutingLayer(keras.layers.Layer):
             raise ValueError(f"assignment_gradient must be True or False, "
                              f"got {assignment_gradient!r}")
         self.assignment_gradient = assignment_gradient
+        if inverse_temperature is not None:
+            if isinstance(inverse_temperature, bool) or not isinstance(
+                    inverse_temperature, (int, float)) or not inverse_temperature > 0:
+                raise ValueError(f"inverse_temperature must be None or a number > 0, "
+                                 f"got {inverse_temperature!r}")
+            if routing != "paper":
+                raise ValueError(f"inverse_temperature needs routing='paper' (the article's "
+                                 f"routing has its own schedule), got routing={routing!r}")
+            inverse_temperature = float(inverse_temperature)
+        self.initial_inverse_temperature = inverse_temperature
+        if routing_cost not in paper_routing.COSTS:
+            raise ValueError(f"routing_cost must be one of {', '.join(paper_routing.COSTS)}, "
+                             f"got {routing_cost!r}")
+        if routing_cost != "normalised" and routing != "paper":
+            raise ValueError(f"routing_cost={routing_cost!r} needs routing='paper', got "
+                             f"routing={routing!r}")
+        self.routing_cost = routing_cost
         self.transform_initializer = keras.initializers.get(
             transform_initializer if transform_initializer is not None
             else _transform_initializer())
         self.beta_initializer = keras.initializers.get(beta_initializer)
+
+    def _build_inverse_temperature(self):
+        """With an `inverse_temperature`, its non-trainable weight (`--lambda_schedule=ramp`).
+
+        Training assigns it before every step (`capsem.step.TrainStep`), and
+        checkpoints, exports and evaluations carry its last value.
+        """
+        self.inverse_temperature = None
+        if self.initial_inverse_temperature is not None:
+            self.inverse_temperature = self.add_weight(
+                name="inverse_temperature", shape=(), trainable=False,
+                initializer=keras.initializers.Constant(self.initial_inverse_temperature))
 
     def _route(self, poses, w, i_activations, offsets, return_details):
         """EM routing of the votes `poses @ w (+ offsets)`, which are never materialised.
@@ -277,7 +306,8 @@ class _RoutingLayer(keras.layers.Layer):
           `(N, P, I, O)`.
         """
         options = dict(variance_floor=self.variance_floor,
-                       assignment_gradient=self.assignment_gradient)
+                       assignment_gradient=self.assignment_gradient,
+                       inverse_temperature=self.inverse_temperature, cost=self.routing_cost)
         if not return_details:  # the kernel entry: votes never materialised in native ops
             return paper_routing.route_from_poses(
                 poses, w, i_activations, self.beta_v, self.beta_a, self.iterations,
@@ -341,6 +371,8 @@ class _RoutingLayer(keras.layers.Layer):
             "final_lambda": self.final_lambda,
             "variance_floor": self.variance_floor,
             "assignment_gradient": self.assignment_gradient,
+            "inverse_temperature": self.initial_inverse_temperature,
+            "routing_cost": self.routing_cost,
             "transform_initializer": keras.initializers.serialize(self.transform_initializer),
             "beta_initializer": keras.initializers.serialize(self.beta_initializer),
         })
@@ -373,6 +405,13 @@ class ConvCaps(_RoutingLayer):
         at every position that receives it, see `capsem.paper_routing`; needs
         a known grid size).
       final_lambda: scale of the paper routing's inverse temperature schedule.
+      inverse_temperature: None (the schedule of `final_lambda` over the
+        iterations), or the initial value of a non-trainable weight
+        `inverse_temperature` used at every iteration instead, which training
+        moves along `capsem.paper_routing.inverse_temperature_ramp`
+        (`--lambda_schedule=ramp`); routing="paper" only.
+      routing_cost: the paper routing's M-step, "normalised" (default) or
+        "unnormalised" (see `capsem.paper_routing.em_routing_paper`'s `cost`).
       variance_floor: the paper routing's variance floor.
       assignment_gradient: whether the paper routing's gradient flows through
         its assignments (see `capsem.paper_routing.em_routing_paper`).
@@ -402,10 +441,10 @@ class ConvCaps(_RoutingLayer):
                  beta_initializer="glorot_uniform", routing="article",
                  final_lambda=paper_routing.FINAL_LAMBDA,
                  variance_floor=paper_routing.VARIANCE_FLOOR, assignment_gradient=True,
-                 **kwargs):
+                 inverse_temperature=None, routing_cost="normalised", **kwargs):
         super().__init__(capsules, iterations, stable, transform_initializer,
                          beta_initializer, routing, final_lambda, variance_floor,
-                         assignment_gradient, **kwargs)
+                         assignment_gradient, inverse_temperature, routing_cost, **kwargs)
         self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
         self.strides = _check_positive_int(strides, "strides")
 
@@ -432,6 +471,7 @@ class ConvCaps(_RoutingLayer):
         self.beta_a = self.add_weight(
             name="beta_a", shape=(1, 1, 1, self.capsules),
             initializer=self.beta_initializer)
+        self._build_inverse_temperature()
 
     def call_with_details(self, inputs, return_details=True):
         """Runs the layer; with `return_details` also returns votes and assignments.
@@ -533,6 +573,13 @@ class ClassCaps(_RoutingLayer):
       beta_initializer: initializer of `beta_v` and `beta_a` (Glorot uniform).
       routing: "article" (default) or "paper" (`capsem.paper_routing`).
       final_lambda: scale of the paper routing's inverse temperature schedule.
+      inverse_temperature: None (the schedule of `final_lambda` over the
+        iterations), or the initial value of a non-trainable weight
+        `inverse_temperature` used at every iteration instead, which training
+        moves along `capsem.paper_routing.inverse_temperature_ramp`
+        (`--lambda_schedule=ramp`); routing="paper" only.
+      routing_cost: the paper routing's M-step, "normalised" (default) or
+        "unnormalised" (see `capsem.paper_routing.em_routing_paper`'s `cost`).
       variance_floor: the paper routing's variance floor.
       assignment_gradient: whether the paper routing's gradient flows through
         its assignments (see `capsem.paper_routing.em_routing_paper`).
@@ -560,10 +607,10 @@ class ClassCaps(_RoutingLayer):
                  transform_initializer=None, beta_initializer="glorot_uniform",
                  routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
                  variance_floor=paper_routing.VARIANCE_FLOOR, assignment_gradient=True,
-                 **kwargs):
+                 inverse_temperature=None, routing_cost="normalised", **kwargs):
         super().__init__(capsules, iterations, stable, transform_initializer,
                          beta_initializer, routing, final_lambda, variance_floor,
-                         assignment_gradient, **kwargs)
+                         assignment_gradient, inverse_temperature, routing_cost, **kwargs)
         if not isinstance(coord_addition, bool):
             raise ValueError(f"coord_addition must be True or False, got {coord_addition!r}")
         self.coord_addition = coord_addition
@@ -582,6 +629,7 @@ class ClassCaps(_RoutingLayer):
             name="beta_v", shape=(1, self.capsules), initializer=self.beta_initializer)
         self.beta_a = self.add_weight(
             name="beta_a", shape=(1, self.capsules), initializer=self.beta_initializer)
+        self._build_inverse_temperature()
 
     def call_with_details(self, inputs, return_details=True):
         """Runs the layer; with `return_details` also returns votes and assignments.

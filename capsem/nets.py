@@ -8,6 +8,9 @@ from capsem import paper_routing
 #: EM routing modes of `capsules_net` (see `capsem.layers.ROUTING_MODES`).
 ROUTING_MODES = caps_layers.ROUTING_MODES
 
+#: Paddings of relu_conv1 (`capsules_net`'s `conv1_padding`).
+CONV1_PADDINGS = ("same", "valid")
+
 #: Layer names, equal to the article's TF1 variable scopes inside `capsules_em`.
 LAYER_NAMES = ("relu_conv1", "primary_caps", "conv_caps1", "conv_caps2", "class_capsules")
 
@@ -16,10 +19,12 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
                  input_shape=(28, 28, 1), stable=False, name="capsules_em",
                  routing="article", final_lambda=paper_routing.FINAL_LAMBDA,
                  transform_stddev=1.0, variance_floor=paper_routing.VARIANCE_FLOOR,
-                 assignment_gradient=True, conv1_batch_norm=False):
+                 assignment_gradient=True, conv1_batch_norm=False, inverse_temperature=None,
+                 routing_cost="normalised", conv1_padding="same"):
     """Builds the article's network: ReLU Conv1 -> PrimaryCaps -> ConvCaps1 -> ConvCaps2 -> Class capsules.
 
-    * relu_conv1: 5x5 convolution, stride 2, SAME padding, A channels, ReLU;
+    * relu_conv1: 5x5 convolution, stride 2, SAME padding (the article; or
+      `conv1_padding="valid"`), A channels, ReLU;
     * primary_caps: 1x1, B capsule types (4x4 pose + sigmoid activation);
     * conv_caps1: 3x3, stride 2, C types; conv_caps2: 3x3, stride 1, D types;
     * class_capsules: one capsule per class, with coordinate addition.
@@ -55,6 +60,14 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
         and its ReLU (the convolution then has no bias): yl-1993's PyTorch
         implementation of the small network (README: 99.1% with it, 98.9%
         without, after 30 epochs); False (default) is the article's network.
+      inverse_temperature: None, or the initial value of the capsule layers'
+        non-trainable `inverse_temperature` weights (see `capsem.layers.ConvCaps`;
+        `inverse_temperature_weights` lists them), routing="paper" only.
+      routing_cost: the paper routing's M-step, "normalised" or "unnormalised"
+        (`capsem.paper_routing.em_routing_paper`'s `cost`).
+      conv1_padding: "same" (the article: a 14x14 grid for MNIST) or "valid"
+        (12x12, then 5x5 and 3x3 capsule grids, as YuxianMeng's and yl-1993's
+        PyTorch implementations of the small network).
 
     Returns:
       a `keras.Model` mapping images `(N, H, W, channels)` to
@@ -73,33 +86,40 @@ def capsules_net(num_classes=10, iterations=3, A=32, B=32, C=32, D=32,
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
     height, width = input_shape[:2]
-    # Grid sizes through the network: SAME/2, 1x1, VALID 3/2, VALID 3/1.
-    g1 = (-(-height // 2), -(-width // 2))
+    if conv1_padding not in CONV1_PADDINGS:
+        raise ValueError(f"conv1_padding must be one of {', '.join(CONV1_PADDINGS)}, "
+                         f"got {conv1_padding!r}")
+    # Grid sizes through the network: SAME (or VALID) 5/2, 1x1, VALID 3/2, VALID 3/1.
+    if conv1_padding == "same":
+        g1 = (-(-height // 2), -(-width // 2))
+    else:
+        g1 = ((height - 5) // 2 + 1, (width - 5) // 2 + 1)
     g2 = tuple((g - 3) // 2 + 1 for g in g1)
     g3 = tuple(g - 2 for g in g2)
     if min(g3) < 1:
         raise ValueError(
             f"input_shape {input_shape} is too small for the network: the grids would be "
             f"{g1[0]}x{g1[1]} -> {g2[0]}x{g2[1]} -> {g3[0]}x{g3[1]}; the input needs at "
-            f"least 13 rows and columns")
+            f"least {13 if conv1_padding == 'same' else 15} rows and columns")
 
     if not (isinstance(transform_stddev, (int, float)) and transform_stddev > 0):
         raise ValueError(f"transform_stddev must be a number > 0, got {transform_stddev!r}")
     routing_args = dict(iterations=iterations, stable=stable, routing=routing,
                         final_lambda=final_lambda, variance_floor=variance_floor,
                         assignment_gradient=assignment_gradient,
+                        inverse_temperature=inverse_temperature, routing_cost=routing_cost,
                         transform_initializer=keras.initializers.TruncatedNormal(
                             mean=0.0, stddev=float(transform_stddev)))
     inputs = keras.Input(shape=input_shape, name="images")
     if not isinstance(conv1_batch_norm, bool):
         raise ValueError(f"conv1_batch_norm must be True or False, got {conv1_batch_norm!r}")
     if conv1_batch_norm:
-        x = keras.layers.Conv2D(A, 5, strides=2, padding="same", use_bias=False,
+        x = keras.layers.Conv2D(A, 5, strides=2, padding=conv1_padding, use_bias=False,
                                 name="relu_conv1")(inputs)  # (N, H/2, W/2, A)
         x = keras.layers.BatchNormalization(name="conv1_batch_norm")(x)  # (N, H/2, W/2, A)
         x = keras.layers.ReLU(name="conv1_relu")(x)  # (N, H/2, W/2, A)
     else:
-        x = keras.layers.Conv2D(A, 5, strides=2, padding="same", activation="relu",
+        x = keras.layers.Conv2D(A, 5, strides=2, padding=conv1_padding, activation="relu",
                                 name="relu_conv1")(inputs)  # (N, H/2, W/2, A)
     caps = caps_layers.PrimaryCaps(B, name="primary_caps")(x)  # (N, 14, 14, B, 4, 4)
     caps = caps_layers.ConvCaps(C, kernel_size=3, strides=2, name="conv_caps1",
@@ -138,3 +158,13 @@ def article_variables(model, scope="capsules_em"):
         for suffix, var in local.items():
             names[f"{prefix}{layer_name}/{suffix}"] = var
     return names
+
+
+def inverse_temperature_weights(model):
+    """The `inverse_temperature` weights of a model's capsule layers (empty without).
+
+    Training assigns them the value of the inverse temperature ramp before
+    every step (`capsem.step.TrainStep`, `--lambda_schedule=ramp`).
+    """
+    return [layer.inverse_temperature for layer in model.layers
+            if getattr(layer, "inverse_temperature", None) is not None]

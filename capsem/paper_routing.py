@@ -88,6 +88,32 @@ def inverse_temperatures_paper(iterations, final_lambda=FINAL_LAMBDA):
     return [float(final_lambda) * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
 
 
+def inverse_temperature_ramp(epoch, start, growth, final):
+    """The inverse temperature of training epoch `epoch` (a float: steps x batch / examples).
+
+    `min(final, start + growth * epoch)`, used at every routing iteration in
+    place of `inverse_temperatures_paper` (`--lambda_schedule=ramp`). It is
+    the schedule of YuxianMeng's PyTorch implementation (train.py: lambda
+    starts at 1e-3 and grows by 0.1 per epoch, up to 1), whose small network
+    reports 97.6% after one MNIST epoch: the class activations start near 0.5,
+    unsaturated, and sharpen as training goes on (docs/results.md 3.9).
+
+    Args:
+      epoch: training epochs done (float >= 0), a Python number or a tensor.
+      start, growth, final: the schedule (start > 0, growth >= 0, final >= start).
+
+    Returns:
+      the inverse temperature (the type of `epoch`).
+    """
+    if not (start > 0 and growth >= 0 and final >= start):
+        raise ValueError(f"inverse_temperature_ramp needs start > 0, growth >= 0 and "
+                         f"final >= start, got start={start!r}, growth={growth!r}, "
+                         f"final={final!r}")
+    if isinstance(epoch, (int, float)):
+        return min(float(final), float(start) + float(growth) * float(epoch))
+    return tf.minimum(tf.cast(final, epoch.dtype), start + growth * epoch)
+
+
 class ChildMap:
     """Which child of the input grid each vote of a convolutional layer comes from.
 
@@ -158,15 +184,21 @@ def _from_children(grid, child_map):
     return tf.reshape(tiled, [-1, child_map.positions * child_map.kernel ** 2, grid.shape[-1]])
 
 
-def initial_assignments(num_o, num_i, child_map=None, dtype=tf.float32):
-    """The first M-step's assignments: each child split evenly over all its parents.
+def initial_assignments(num_o, num_i, child_map=None, dtype=tf.float32, cost="normalised"):
+    """The first M-step's assignments.
 
-    Returns `(P or 1, 1, I or 1)`, broadcast over N and O: `1 / (O * n)` with n
-    the number of output positions that receive the child (1 without a child
-    map).
+    Returns `(P or 1, 1, I or 1)`, broadcast over N and O. With
+    `cost="normalised"` each child is split evenly over all its parents:
+    `1 / (O * n)` with n the number of output positions that receive the
+    child (1 without a child map). With `cost="unnormalised"` every
+    assignment is `1 / (O * P)`, procedure 1 of the paper taken literally
+    (`R_ij = 1 / |Omega_{L+1}|`, all parent capsules of the layer), as
+    YuxianMeng's implementation does.
     """
     if child_map is None:
         return tf.constant(1.0 / num_o, dtype, shape=[1, 1, 1])
+    if cost == "unnormalised":
+        return tf.constant(1.0 / (num_o * child_map.positions), dtype, shape=[1, 1, 1])
     area = child_map.kernel ** 2
     counts = child_map.counts[child_map.index].astype(np.float64)  # (P*K*K,)
     rr0 = np.repeat((1.0 / (num_o * counts)).reshape(child_map.positions, 1, area, 1),
@@ -205,6 +237,41 @@ def m_step_paper(rr, votes, i_activations, beta_v, beta_a, inverse_temperature, 
     cost = tf.reduce_sum(beta_v[:, None] + log_stdv, -1) * (rr_sum * data_scale)  # (N, P, O)
     activations = tf.sigmoid(inverse_temperature * (beta_a - cost))  # (N, P, O)
     return mean, var, activations, dev2
+
+
+def m_step_unnormalised(rr, votes, i_activations, beta_v, beta_a, inverse_temperature,
+                        variance_floor=VARIANCE_FLOOR):
+    """The M-step of `cost="unnormalised"`, a sibling of `m_step_paper`.
+
+    YuxianMeng's PyTorch implementation (Capsules.py), whose small network
+    reports 97.6% after one MNIST epoch: `cost_h = (beta_v + log sigma_h^2)
+    sum_i R_ij a_i`, the data term not normalised (Gritzman's pitfall 3 left
+    as the paper writes it) and the log of the variance (not of the standard
+    deviation); the variance clamped at the floor (`max(sigma^2, floor)`,
+    not `sigma^2 + floor`).
+
+    Args and returns: as `m_step_paper`, without `data_scale`.
+    """
+    rr_prime = rr * i_activations[:, :, None, :]  # (N, P, O, I)
+    rr_sum = tf.reduce_sum(rr_prime, -1)  # (N, P, O)
+    denom = (rr_sum + EPSILON)[..., None]  # (N, P, O, 1)
+    mean = tf.einsum("npoi,npohi->npoh", rr_prime, votes) / denom  # (N, P, O, 16)
+    dev2 = tf.square(votes - mean[..., None])  # (N, P, O, 16, I)
+    var = tf.maximum(tf.einsum("npoi,npohi->npoh", rr_prime, dev2) / denom,
+                     variance_floor)  # (N, P, O, 16)
+    cost = tf.reduce_sum(beta_v[:, None] + tf.math.log(var), -1) * rr_sum  # (N, P, O)
+    activations = tf.sigmoid(inverse_temperature * (beta_a - cost))  # (N, P, O)
+    return mean, var, activations, dev2
+
+
+#: The M-steps of `em_routing_paper`'s `cost` argument.
+M_STEPS = {
+    "normalised": lambda rr, v, a, bv, ba, lam, scale, floor: m_step_paper(
+        rr, v, a, bv, ba, lam, scale, floor),
+    "unnormalised": lambda rr, v, a, bv, ba, lam, scale, floor: m_step_unnormalised(
+        rr, v, a, bv, ba, lam, floor),
+}
+COSTS = tuple(M_STEPS)
 
 
 def e_step_paper(var, activations, dev2, child_map=None):
@@ -260,6 +327,23 @@ def normalise_over_parents(zz, child_map=None):
     return e / denom  # (N, P, O, I)
 
 
+def _check_inverse_temperature(value, dtype):
+    """`value` as a scalar tensor of `dtype`; a Python number must be > 0."""
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and not value > 0):
+        raise ValueError(f"inverse_temperature must be a number > 0 or a scalar tensor, "
+                         f"got {value!r}")
+    value = tf.convert_to_tensor(value)
+    if value.shape.rank != 0:
+        raise ValueError(f"inverse_temperature must be a scalar, got shape "
+                         f"{ops._static_shape(value)}")
+    return tf.cast(value, dtype)
+
+
+def _check_cost(cost):
+    if cost not in M_STEPS:
+        raise ValueError(f"cost must be one of {', '.join(COSTS)}, got {cost!r}")
+
+
 def _check_inputs(votes, i_activations, beta_v, beta_a, iterations, child_map, variance_floor):
     """The checks of `em_routing_paper`'s arguments; returns votes, i_activations, beta_v, beta_a.
 
@@ -292,7 +376,8 @@ def _check_inputs(votes, i_activations, beta_v, beta_a, iterations, child_map, v
 
 def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
                      final_lambda=FINAL_LAMBDA, child_map=None, return_assignments=False,
-                     variance_floor=VARIANCE_FLOOR, assignment_gradient=True):
+                     variance_floor=VARIANCE_FLOOR, assignment_gradient=True,
+                     inverse_temperature=None, cost="normalised"):
     """EM routing of the paper (procedure 1), with Gritzman's three pitfalls avoided.
 
     Args:
@@ -314,6 +399,14 @@ def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
         E-step the gradient is scaled by 1 / variance, which is up to
         1 / variance_floor: at initialisation it is 100 times the M-step's
         in ReLU Conv1 (docs/results.md).
+      inverse_temperature: None (the schedule `inverse_temperatures_paper`
+        of `final_lambda` over the iterations), or a scalar > 0 (a number or
+        a float tensor, e.g. a layer's weight that training sets by
+        `inverse_temperature_ramp`) used at every iteration instead.
+      cost: "normalised" (`m_step_paper`: the data per parent normalised,
+        Gritzman's pitfall 3) or "unnormalised" (`m_step_unnormalised` and
+        the literal initial assignments of `initial_assignments`,
+        YuxianMeng's implementation).
 
     Returns:
       `(poses (N, P, O, 16), activations (N, P, O))` and rr `(N, P, I, O)`
@@ -328,15 +421,19 @@ def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
     """
     votes, i_activations, beta_v, beta_a = _check_inputs(
         votes, i_activations, beta_v, beta_a, iterations, child_map, variance_floor)
+    _check_cost(cost)
     _, num_p, num_i, num_o, _ = votes.shape.as_list()
     lambdas = inverse_temperatures_paper(iterations, final_lambda)
+    if inverse_temperature is not None:
+        lambdas = [_check_inverse_temperature(inverse_temperature, votes.dtype)] * iterations
     data_scale = float(num_o) / float(num_i)
     v = tf.transpose(votes, [0, 1, 3, 4, 2])  # (N, P, O, 16, I)
-    rr = initial_assignments(num_o, num_i, child_map, votes.dtype)  # (P or 1, 1, I or 1)
+    m_step = M_STEPS[cost]
+    rr = initial_assignments(num_o, num_i, child_map, votes.dtype, cost)  # (P or 1, 1, I or 1)
     rr = rr * tf.ones([num_o, 1], votes.dtype)  # (P or 1, O, I or 1)
     for t, lam in enumerate(lambdas):
-        mean, var, act, dev2 = m_step_paper(rr, v, i_activations, beta_v, beta_a, lam,
-                                            data_scale, variance_floor)
+        mean, var, act, dev2 = m_step(rr, v, i_activations, beta_v, beta_a, lam,
+                                      data_scale, variance_floor)
         if t == iterations - 1:
             break
         rr = e_step_paper(var, act, dev2, child_map)  # (N, P, O, I)
@@ -359,7 +456,8 @@ _FUNCTIONS = {}
 
 
 def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_LAMBDA,
-          child_map=None, variance_floor=VARIANCE_FLOOR, assignment_gradient=True):
+          child_map=None, variance_floor=VARIANCE_FLOOR, assignment_gradient=True,
+          inverse_temperature=None, cost="normalised"):
     """`em_routing_paper` as the layers call it: the paper mode's kernel entry.
 
     The sibling of `capsem.ops._route` for the article mode. By default the
@@ -371,13 +469,20 @@ def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_L
     inside a tf.function each layer's routing is one XLA-compiled function,
     and eagerly or where XLA is off (`compiled(False)`, or inside a function
     compiled as a whole) it runs as plain TensorFlow ops. All give the numbers
-    of `em_routing_paper` to float32 rounding, and its gradient.
+    of `em_routing_paper` to float32 rounding, and its gradient. With an
+    `inverse_temperature` (`--lambda_schedule=ramp`) the routing always runs
+    in the XLA kernels: the native ops take their inverse temperatures as
+    attributes, fixed when a step is traced; so does `cost="unnormalised"`,
+    which the native ops do not implement.
 
     Args and returns: as `em_routing_paper` (without `return_assignments`).
     """
     votes, i_activations, beta_v, beta_a = _check_inputs(
         votes, i_activations, beta_v, beta_a, iterations, child_map, variance_floor)
-    if ops._use_native(votes.dtype):
+    _check_cost(cost)
+    if inverse_temperature is not None:
+        inverse_temperature = _check_inverse_temperature(inverse_temperature, votes.dtype)
+    if _native_covers(inverse_temperature, cost) and ops._use_native(votes.dtype):
         _, num_p, num_i, num_o, _ = votes.shape.as_list()
         flat_v = tf.reshape(votes, [-1, num_i, num_o, 16])  # (N*P, I, O, 16)
         flat_a = tf.reshape(i_activations, [-1, num_i])  # (N*P, I)
@@ -389,22 +494,27 @@ def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_L
     if not jit:
         return em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
                                 final_lambda, child_map, variance_floor=variance_floor,
-                                assignment_gradient=assignment_gradient)
+                                assignment_gradient=assignment_gradient,
+                                inverse_temperature=inverse_temperature, cost=cost)
+    ramp = inverse_temperature is not None
     key = (iterations, float(final_lambda), float(variance_floor), bool(assignment_gradient),
-           None if child_map is None else (
+           ramp, cost, None if child_map is None else (
         child_map.height, child_map.width, child_map.kernel, child_map.stride))
     if key not in _FUNCTIONS:
-        def fn(v, a, bv, ba):
+        def fn(v, a, bv, ba, lam=None):
             return em_routing_paper(v, a, bv, ba, iterations, final_lambda, child_map,
                                     variance_floor=variance_floor,
-                                    assignment_gradient=assignment_gradient)
+                                    assignment_gradient=assignment_gradient,
+                                    inverse_temperature=lam, cost=cost)
         _FUNCTIONS[key] = tf.function(fn, jit_compile=True, autograph=False)
-    return _FUNCTIONS[key](votes, i_activations, beta_v, beta_a)
+    args = (votes, i_activations, beta_v, beta_a) + ((inverse_temperature,) if ramp else ())
+    return _FUNCTIONS[key](*args)
 
 
 def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
                      final_lambda=FINAL_LAMBDA, child_map=None, variance_floor=VARIANCE_FLOOR,
-                     assignment_gradient=True, offsets=None):
+                     assignment_gradient=True, offsets=None, inverse_temperature=None,
+                     cost="normalised"):
     """`route` of the votes `poses @ w (+ offsets)`, which the native ops never materialise.
 
     The layers' entry: with the native kernels (see `route`) the votes are
@@ -435,7 +545,7 @@ def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
                          f"shape {tuple(w.shape)}")
     num_o = w.shape[2]
     flat_p = tf.reshape(poses, [-1, num_i, 16])  # (N*P, I, 16)
-    if ops._use_native(poses.dtype):
+    if _native_covers(inverse_temperature, cost) and ops._use_native(poses.dtype):
         # The checks of `route`, on a votes-shaped placeholder of zero examples.
         _, i_activations, beta_v, beta_a = _check_inputs(
             tf.zeros([0, num_p, num_i, num_o, 16], poses.dtype), i_activations, beta_v,
@@ -450,7 +560,12 @@ def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
     votes = tf.reshape(votes, tf.stack([-1, num_p, num_i, num_o, 16]))  # (N, P, I, O, 16)
     votes.set_shape([poses.shape[0], num_p, num_i, num_o, 16])
     return route(votes, i_activations, beta_v, beta_a, iterations, final_lambda, child_map,
-                 variance_floor, assignment_gradient)
+                 variance_floor, assignment_gradient, inverse_temperature, cost)
+
+
+def _native_covers(inverse_temperature, cost):
+    """Whether the native ops implement these options (else the XLA kernels route)."""
+    return inverse_temperature is None and cost == "normalised"
 
 
 def _route_native(src, w, offsets, a, beta_v, beta_a, iterations, final_lambda, child_map,

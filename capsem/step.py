@@ -25,7 +25,7 @@ and largest setting; `docs/performance.md` has the measurements.
 import keras
 import tensorflow as tf
 
-from capsem import losses, native, ops, paper_routing
+from capsem import losses, native, nets, ops, paper_routing
 from capsem.errors import ConfigError
 
 #: TF1 `tf.train.AdamOptimizer`'s default epsilon (Keras' default is 1e-7).
@@ -111,6 +111,11 @@ class TrainStep:
         the article's spread loss, `capsem.losses.spread_loss_from_labels`.
         The baseline CNN (`capsem.baseline`) trains with
         `capsem.baseline.cross_entropy_loss` on its logits.
+      inverse_temperature_fn: None, or `global step (int) -> float`: before
+        each call runs, the model's `inverse_temperature` weights
+        (`capsem.nets.inverse_temperature_weights`) are assigned its value at
+        the step about to run (`--lambda_schedule=ramp`), so the value follows
+        `global_step` through resumes.
 
     Calling the step with `(images (N, H, W, C) float32, labels (N,) int)`
     returns a dict of scalar tensors: `loss` (summed over the batch, the
@@ -125,7 +130,8 @@ class TrainStep:
 
     def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
                  micro_batch_size=None, jit_compile=True, global_step=None,
-                 routing_kernels="auto", margin_fn=None, strategy=None, loss_fn=None):
+                 routing_kernels="auto", margin_fn=None, strategy=None, loss_fn=None,
+                 inverse_temperature_fn=None):
         if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, "
@@ -136,6 +142,11 @@ class TrainStep:
         self.margin_fn = margin_fn or losses.make_margin_schedule(
             "article", self.iterations_per_epoch)
         self.loss_fn = loss_fn or losses.spread_loss_from_labels
+        self.inverse_temperature_fn = inverse_temperature_fn
+        self.inverse_temperatures = nets.inverse_temperature_weights(model)
+        if inverse_temperature_fn is not None and not self.inverse_temperatures:
+            raise ValueError("inverse_temperature_fn needs a model with inverse_temperature "
+                             "weights (capsules_net(..., inverse_temperature=...))")
         self.clip_norm = clip_norm
         self.micro_batch_size = micro_batch_size
         self.jit_compile = jit_compile
@@ -246,6 +257,10 @@ class TrainStep:
         return self.strategy.experimental_distribute_values_from_function(replica_slice)
 
     def __call__(self, images, labels, signals=None):
+        if self.inverse_temperature_fn is not None:
+            value = float(self.inverse_temperature_fn(int(self.global_step.numpy())))
+            for weight in self.inverse_temperatures:
+                weight.assign(value)
         if self.strategy is None:
             return self._step(tf.convert_to_tensor(images, tf.float32),
                               tf.convert_to_tensor(labels))

@@ -35,14 +35,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from capsem import baseline, datasets, diagnostics, losses, nets, recipes, visualize
+from capsem import baseline, datasets, diagnostics, losses, nets, paper_routing, recipes, visualize
 from capsem import step as step_lib
 from capsem.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 #: Config fields that define the model's variables: a log_dir holding a
 #: checkpoint made with other values cannot be resumed, not even with
 #: `allow_config_change`.
-ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm")
+ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm",
+                     "lambda_schedule", "conv1_padding")
 
 #: Config fields that change what a resumed run computes: a difference from the
 #: log_dir's config.json stops the run unless `allow_config_change` is set
@@ -50,7 +51,8 @@ ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm")
 COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_lambda",
                     "variance_floor", "assignment_gradient", "transform_stddev", "batch_size",
                     "seed", "clip_norm", "margin_schedule", "margin_ramp_epochs",
-                    "random_shift", "data_source", "smallnorb_split")
+                    "random_shift", "data_source", "smallnorb_split", "lambda_start",
+                    "lambda_growth", "routing_cost")
 
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
@@ -61,13 +63,17 @@ OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_st
 MODEL_KEYS = ARCHITECTURE_KEYS + (
     "recipe", "routing", "iterations", "stable_routing", "final_lambda", "variance_floor",
     "assignment_gradient", "transform_stddev", "batch_size", "margin_schedule",
-    "margin_ramp_epochs", "smallnorb_split")
+    "margin_ramp_epochs", "smallnorb_split", "lambda_start", "lambda_growth", "routing_cost")
 
 #: The fields of `MODEL_KEYS` that change what the routing of a trained network
 #: computes: `evaluate` warns when one is given with another value than the run's.
-ROUTING_KEYS = ("routing", "iterations", "stable_routing", "final_lambda", "variance_floor")
+ROUTING_KEYS = ("routing", "iterations", "stable_routing", "final_lambda", "variance_floor",
+                "routing_cost")
 
 CONFIG_FILE = "config.json"
+
+#: The paper routing's inverse temperature schedules (`TrainConfig.lambda_schedule`).
+LAMBDA_SCHEDULES = ("iterations", "ramp")
 
 #: The networks of `TrainConfig.model`: the capsule network (`capsem.nets.capsules_net`)
 #: or the paper's baseline CNN (`capsem.baseline.cnn_net`).
@@ -137,12 +143,26 @@ class TrainConfig:
         them in); recorded in config.json.
       routing: EM routing, "article" (`capsem.ops.em_routing`) or "paper"
         (`capsem.paper_routing`).
-      final_lambda: scale of the paper routing's inverse temperature schedule.
+      final_lambda: scale of the paper routing's inverse temperature schedule
+        (with lambda_schedule "ramp": the largest inverse temperature).
+      lambda_schedule: the paper routing's inverse temperature: "iterations"
+        (`final_lambda * (1 - 0.95^(t+1))` at iteration t, the same all
+        through training) or "ramp" (`min(final_lambda, lambda_start +
+        lambda_growth * epoch)` at every iteration, growing with the epochs
+        trained: `capsem.paper_routing.inverse_temperature_ramp`; the capsule
+        layers then hold it in a non-trainable weight).
+      lambda_start, lambda_growth: the ramp's value at step 0 and its growth
+        per epoch.
+      routing_cost: the paper routing's M-step: "normalised" (the data per
+        parent normalised, Gritzman's pitfall 3) or "unnormalised"
+        (YuxianMeng's; `capsem.paper_routing.m_step_unnormalised`).
       variance_floor: the paper routing's variance floor (> 0).
       assignment_gradient: whether the paper routing's gradient flows through
         its assignments (`capsem.paper_routing.em_routing_paper`).
       transform_stddev: stddev of the transformation matrices' initializer.
       conv1_batch_norm: batch normalisation in ReLU Conv1 (`capsem.nets.capsules_net`).
+      conv1_padding: ReLU Conv1's padding, "same" (the article) or "valid"
+        (`capsem.nets.capsules_net`).
       margin_schedule: "article" (0.2 -> 0.9 by 0.1 per epoch) or "linear"
         (0.2 -> 0.9 linearly over `margin_ramp_epochs`).
       margin_ramp_epochs: epochs of the linear margin ramp (> 0).
@@ -209,10 +229,15 @@ class TrainConfig:
     recipe: str = "article"
     routing: str = "article"
     final_lambda: float = 1.0
+    lambda_schedule: str = "iterations"
+    lambda_start: float = 1e-3
+    lambda_growth: float = 0.1
+    routing_cost: str = "normalised"
     variance_floor: float = 1e-4
     assignment_gradient: bool = True
     transform_stddev: float = 1.0
     conv1_batch_norm: bool = False
+    conv1_padding: str = "same"
     margin_schedule: str = "article"
     margin_ramp_epochs: float = 7.0
     lr_decay_rate: float = 1.0
@@ -293,14 +318,44 @@ class TrainConfig:
         if not self.log_dir:
             raise ConfigError("log_dir must be a directory path, got an empty string")
         choices = (("model", MODELS), ("recipe", recipes.RECIPE_NAMES),
+                   ("conv1_padding", nets.CONV1_PADDINGS),
                    ("routing", nets.ROUTING_MODES), ("margin_schedule", losses.MARGIN_SCHEDULES))
         for name, accepted in choices:
             if getattr(self, name) not in accepted:
                 raise ConfigError(f"{name} must be one of {', '.join(accepted)}, "
                                   f"got {getattr(self, name)!r}")
-        for name in ("final_lambda", "transform_stddev", "margin_ramp_epochs", "variance_floor"):
+        for name in ("final_lambda", "transform_stddev", "margin_ramp_epochs", "variance_floor",
+                     "lambda_start"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.routing_cost not in paper_routing.COSTS:
+            raise ConfigError(f"routing_cost must be one of {', '.join(paper_routing.COSTS)}, "
+                              f"got {self.routing_cost!r}")
+        if self.routing_cost != "normalised" and (self.routing != "paper"
+                                                   or self.model != "capsules"):
+            raise ConfigError(f"routing_cost={self.routing_cost!r} needs routing='paper' and "
+                              f"model='capsules', got routing={self.routing!r}, "
+                              f"model={self.model!r}")
+        if self.routing_kernels == "native" and not native_kernels_cover(self):
+            raise ConfigError(f"routing_kernels='native' does not implement "
+                              f"lambda_schedule={self.lambda_schedule!r} and "
+                              f"routing_cost={self.routing_cost!r} (the native ops cover "
+                              f"'iterations' and 'normalised'); use routing_kernels='auto' or "
+                              f"'xla'")
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ConfigError(f"lambda_schedule must be one of {', '.join(LAMBDA_SCHEDULES)}, "
+                              f"got {self.lambda_schedule!r}")
+        if not self.lambda_growth >= 0:
+            raise ConfigError(f"lambda_growth must be >= 0, got {self.lambda_growth!r}")
+        if self.lambda_schedule == "ramp":
+            if self.routing != "paper" or self.model != "capsules":
+                raise ConfigError(f"lambda_schedule='ramp' needs routing='paper' and "
+                                  f"model='capsules', got routing={self.routing!r}, "
+                                  f"model={self.model!r}")
+            if self.lambda_start > self.final_lambda:
+                raise ConfigError(f"lambda_schedule='ramp' grows from lambda_start up to "
+                                  f"final_lambda: lambda_start ({self.lambda_start!r}) must "
+                                  f"be <= final_lambda ({self.final_lambda!r})")
         if not 0 < self.lr_decay_rate <= 1:
             raise ConfigError(f"lr_decay_rate must be in (0, 1] (1: no decay), "
                               f"got {self.lr_decay_rate!r}")
@@ -569,7 +624,11 @@ def build_model(config, info):
                              transform_stddev=config.transform_stddev,
                              variance_floor=config.variance_floor,
                              assignment_gradient=config.assignment_gradient,
-                             conv1_batch_norm=config.conv1_batch_norm)
+                             conv1_batch_norm=config.conv1_batch_norm,
+                             inverse_temperature=(config.lambda_start
+                                                  if config.lambda_schedule == "ramp" else None),
+                             routing_cost=config.routing_cost,
+                             conv1_padding=config.conv1_padding)
 
 
 def loss_function(config):
@@ -591,6 +650,25 @@ def margin_function(config, num_train):
     iterations_per_epoch = max(1, num_train // config.batch_size)
     ramp = max(1, int(round(config.margin_ramp_epochs * iterations_per_epoch)))
     return losses.make_margin_schedule(config.margin_schedule, iterations_per_epoch, ramp)
+
+
+def native_kernels_cover(config):
+    """Whether the native routing ops implement a config's paper routing options
+    (`capsem.recipes.native_kernels_cover`)."""
+    return recipes.native_kernels_cover(config.lambda_schedule, config.routing_cost)
+
+
+def inverse_temperature_function(config, num_train):
+    """`global step -> inverse temperature` of a config with lambda_schedule "ramp", else None.
+
+    The epoch of step s is `s * batch_size / num_train` (YuxianMeng's train.py
+    adds 0.1 / (examples // batch size) per step).
+    """
+    if config.lambda_schedule != "ramp":
+        return None
+    per_step = config.batch_size / float(num_train)
+    return lambda step: paper_routing.inverse_temperature_ramp(
+        step * per_step, config.lambda_start, config.lambda_growth, config.final_lambda)
 
 
 def learning_rate(config, total_steps=0):
@@ -1149,6 +1227,9 @@ class _Trainer:
         # "auto": the native kernels where every device of the step is a CPU, else XLA's.
         devices = step_lib.compute_devices(self.strategy)
         kernels = step_lib.resolve_routing_kernels(config.routing_kernels, devices)
+        if not native_kernels_cover(config):
+            # The native ops implement neither the ramp nor the unnormalised M-step.
+            kernels = "xla"
         logging.info("EM routing kernels: %s (routing_kernels=%s; devices %s)", kernels,
                      config.routing_kernels, ", ".join(devices))
         kwargs = {}
@@ -1167,7 +1248,9 @@ class _Trainer:
                                           routing_kernels=kernels,
                                           global_step=self.global_step,
                                           margin_fn=self.margin_fn,
-                                          loss_fn=loss_function(config), **kwargs)
+                                          loss_fn=loss_function(config),
+                                          inverse_temperature_fn=inverse_temperature_function(
+                                              config, self.num_train), **kwargs)
         self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile, kernels)
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               global_step=self.global_step,

@@ -95,13 +95,18 @@ def paper_lambdas(iterations, final_lambda):
 
 
 def em_routing_paper_edges(votes, a_in, children, num_children, beta_v, beta_a, iterations,
-                           final_lambda):
+                           final_lambda, inverse_temperature=None, cost="normalised",
+                           floor=None):
     """Paper EM routing on an explicit graph, for one example.
 
     votes: (P, I, O, 16); a_in: (P, I); children: (P, I) int, the child that
     the vote slot (p, i) comes from, in [0, num_children).
+    inverse_temperature: None (the schedule of final_lambda) or the value of
+    every iteration. cost: "normalised" or "unnormalised" (YuxianMeng's: rr0 =
+    1 / (O P), cost (beta_v + log var) sum_i r, variance max(var, floor)).
     Returns mean (P, O, 16), activations (P, O), rr (P, I, O) of the last M-step.
     """
+    floor = PAPER_VARIANCE_FLOOR if floor is None else floor
     votes = votes.astype(np.float64)
     num_p, num_i, num_o = votes.shape[:3]
     parents_of = [0] * num_children  # number of (position, type) parents of each child
@@ -112,10 +117,14 @@ def em_routing_paper_edges(votes, a_in, children, num_children, beta_v, beta_a, 
     for p in range(num_p):
         for i in range(num_i):
             rr[p, i, :] = 1.0 / parents_of[children[p, i]]
+    if cost == "unnormalised":
+        rr[:] = 1.0 / (num_o * num_p)
     scale = num_o / num_i
     bv = np.asarray(beta_v, np.float64).reshape(num_o)
     ba = np.asarray(beta_a, np.float64).reshape(num_o)
     lambdas = paper_lambdas(iterations, final_lambda)
+    if inverse_temperature is not None:
+        lambdas = [inverse_temperature] * iterations
     for t, lam in enumerate(lambdas):
         mean = np.zeros((num_p, num_o, 16))
         var = np.zeros((num_p, num_o, 16))
@@ -126,10 +135,14 @@ def em_routing_paper_edges(votes, a_in, children, num_children, beta_v, beta_a, 
                 rs = r.sum()
                 mu = (r[:, None] * votes[p, :, o]).sum(0) / (rs + EPS)
                 v = (r[:, None] * (votes[p, :, o] - mu) ** 2).sum(0) / (rs + EPS)
-                v = v + PAPER_VARIANCE_FLOOR
-                cost = ((bv[o] + 0.5 * np.log(v)) * rs * scale).sum()
+                if cost == "unnormalised":
+                    v = np.maximum(v, floor)
+                    total_cost = ((bv[o] + np.log(v)) * rs).sum()
+                else:
+                    v = v + floor
+                    total_cost = ((bv[o] + 0.5 * np.log(v)) * rs * scale).sum()
                 mean[p, o], var[p, o] = mu, v
-                act[p, o] = 1.0 / (1.0 + np.exp(-lam * (ba[o] - cost)))
+                act[p, o] = 1.0 / (1.0 + np.exp(-lam * (ba[o] - total_cost)))
         if t == iterations - 1:
             break
         # E-step: a_j p_j(V_ij), normalised over every parent of each child.
@@ -153,7 +166,7 @@ def em_routing_paper_edges(votes, a_in, children, num_children, beta_v, beta_a, 
     return mean, act, rr
 
 
-def conv_caps_paper(poses, acts, w, beta_v, beta_a, k, s, iterations, final_lambda):
+def conv_caps_paper(poses, acts, w, beta_v, beta_a, k, s, iterations, final_lambda, **options):
     """A ConvCaps layer with routing='paper'; returns poses (N, OH, OW, O, 4, 4), acts."""
     n, h, wd, c = acts.shape
     tp = kernel_tile(poses, k, s)
@@ -173,13 +186,13 @@ def conv_caps_paper(poses, acts, w, beta_v, beta_a, k, s, iterations, final_lamb
     for b in range(n):
         mean, act, _ = em_routing_paper_edges(
             votes[b], ta[b].reshape(oh * ow, num_i), children, h * wd * c, beta_v, beta_a,
-            iterations, final_lambda)
+            iterations, final_lambda, **options)
         out_p.append(mean.reshape(oh, ow, -1, 4, 4))
         out_a.append(act.reshape(oh, ow, -1))
     return np.stack(out_p), np.stack(out_a)
 
 
-def class_caps_paper(poses, acts, w, beta_v, beta_a, iterations, final_lambda):
+def class_caps_paper(poses, acts, w, beta_v, beta_a, iterations, final_lambda, **options):
     """A ClassCaps layer (coordinate addition) with routing='paper'."""
     n, h, wd, c = acts.shape
     votes = mat_transform(poses.reshape(-1, c, 16), w).reshape(n, h, wd, c, -1, 16)
@@ -189,7 +202,7 @@ def class_caps_paper(poses, acts, w, beta_v, beta_a, iterations, final_lambda):
     for b in range(n):
         mean, act, _ = em_routing_paper_edges(
             votes[b], acts[b].reshape(1, -1), children, h * wd * c, beta_v, beta_a,
-            iterations, final_lambda)
+            iterations, final_lambda, **options)
         out_p.append(mean.reshape(-1, 4, 4))
         out_a.append(act.reshape(-1))
     return np.stack(out_p), np.stack(out_a)

@@ -128,12 +128,15 @@ def test_paper_recipe_learns_a_two_class_problem(tmp_path):
         "paper", dataset_dir=dataset_dir, log_dir=str(tmp_path / "logs"), batch_size=8,
         eval_batch_size=20, iterations=None, A=8, B=4, C=4, D=4, epochs=3, seed=1,
         summary_secs=3600, histogram_secs=3600, checkpoint_secs=3600, log_every_steps=100,
-        jit_compile=False, learning_rate=None, margin_ramp_epochs=0.5)
+        jit_compile=False, learning_rate=None, margin_ramp_epochs=0.5, lambda_growth=0.02)
+    # The schedules that count epochs are shortened for this run of 480 images (an MNIST
+    # epoch is 60,000): the margin reaches 0.9 after half an epoch, and the inverse
+    # temperature grows by 0.02 per epoch (the recipe: 0.1), so that it stays below 0.07,
+    # where the class activations are not yet saturated (with 0.1 per epoch they saturate
+    # within this run and the two classes tie).
     result = training.train(config)
     losses_ = result["history"]["loss"]  # 20 steps per epoch; the margin is 0.9 from step 10
-    # The recipe's rate decays 10 times over the run's 60 steps, so the loss falls mostly
-    # early: by 19% from steps 10-20 to the last 10 (by 26% at a constant rate).
-    assert np.mean(losses_[-10:]) < 0.85 * np.mean(losses_[10:20]), losses_
+    assert np.mean(losses_[-10:]) < 0.2 * np.mean(losses_[10:20]), losses_
     assert result["test"]["accuracy"] >= 0.9, result["test"]  # chance: 0.5
     saved = json.load(open(os.path.join(config.log_dir, "config.json")))
     assert saved["recipe"] == "paper" and saved["routing"] == "paper"
@@ -149,8 +152,13 @@ def test_a_checkpoint_of_one_routing_is_not_resumed_with_the_other(tmp_path):
                   summary_secs=3600, histogram_secs=3600, checkpoint_secs=3600,
                   jit_compile=False, eval_every_epoch=False)
     training.train(training.TrainConfig.from_recipe("article", **common))
-    with pytest.raises(ConfigError, match=r"routing='article' \(this run: 'paper'\)"):
+    # The recipe's inverse temperature ramp adds weights: another architecture.
+    with pytest.raises(ConfigError, match=r"different architecture: lambda_schedule="
+                                          r"'iterations' \(this run: 'ramp'\)"):
         training.train(training.TrainConfig.from_recipe("paper", **common))
+    with pytest.raises(ConfigError, match=r"routing='article' \(this run: 'paper'\)"):
+        training.train(training.TrainConfig.from_recipe(
+            "paper", lambda_schedule="iterations", **common))
 
 
 def test_conv1_batch_norm():
