@@ -105,7 +105,7 @@ flags.DEFINE_float("margin_ramp_epochs", None,
                    "recipe's (paper 7: 0.1 per epoch).")
 flags.DEFINE_float("lr_decay_rate", None,
                    "Multiply the learning rate by this every --lr_decay_steps optimizer steps "
-                   "(smoothly); 1: constant. Default: the recipe's (1 in both).")
+                   "(smoothly); 1: constant. Default: the recipe's (article 1, paper 0.1).")
 flags.DEFINE_integer("lr_decay_steps", None,
                      "See --lr_decay_rate; 0: the whole run (the rate reaches --learning_rate x "
                      "--lr_decay_rate at the last step of --epochs or --max_steps). Default: "
