@@ -206,6 +206,22 @@ def initial_assignments(num_o, num_i, child_map=None, dtype=tf.float32, cost="no
     return tf.constant(rr0.reshape(child_map.positions, 1, num_i), dtype)  # (P, 1, I)
 
 
+def _weighted_moments(rr, votes, i_activations):
+    """The data, mean and variance of each parent: the part both M-steps share.
+
+    Returns `(rr_sum (N, P, O), mean (N, P, O, 16), var (N, P, O, 16), dev2)`:
+    `rr_sum = sum_i R_ij a_i`, the weighted mean and variance of the votes
+    (no floor), and `dev2 = (votes - mean)^2` `(N, P, O, 16, I)`.
+    """
+    rr_prime = rr * i_activations[:, :, None, :]  # (N, P, O, I)
+    rr_sum = tf.reduce_sum(rr_prime, -1)  # (N, P, O)
+    denom = (rr_sum + EPSILON)[..., None]  # (N, P, O, 1)
+    mean = tf.einsum("npoi,npohi->npoh", rr_prime, votes) / denom  # (N, P, O, 16)
+    dev2 = tf.square(votes - mean[..., None])  # (N, P, O, 16, I)
+    var = tf.einsum("npoi,npohi->npoh", rr_prime, dev2) / denom  # (N, P, O, 16)
+    return rr_sum, mean, var, dev2
+
+
 def m_step_paper(rr, votes, i_activations, beta_v, beta_a, inverse_temperature, data_scale,
                  variance_floor=VARIANCE_FLOOR):
     """The paper's M-step, in the routing layout (input capsules last).
@@ -224,13 +240,8 @@ def m_step_paper(rr, votes, i_activations, beta_v, beta_a, inverse_temperature, 
       `(mean (N, P, O, 16), var (N, P, O, 16), activations (N, P, O), dev2)`
       with `dev2 = (votes - mean)^2` `(N, P, O, 16, I)`, which the E-step reuses.
     """
-    rr_prime = rr * i_activations[:, :, None, :]  # (N, P, O, I)
-    rr_sum = tf.reduce_sum(rr_prime, -1)  # (N, P, O)
-    denom = (rr_sum + EPSILON)[..., None]  # (N, P, O, 1)
-    mean = tf.einsum("npoi,npohi->npoh", rr_prime, votes) / denom  # (N, P, O, 16)
-    dev2 = tf.square(votes - mean[..., None])  # (N, P, O, 16, I)
-    # Variance floor: Gritzman 2019, pitfall 2.
-    var = tf.einsum("npoi,npohi->npoh", rr_prime, dev2) / denom + variance_floor  # (N, P, O, 16)
+    rr_sum, mean, var, dev2 = _weighted_moments(rr, votes, i_activations)
+    var = var + variance_floor  # (N, P, O, 16); Gritzman 2019, pitfall 2
     log_stdv = 0.5 * tf.math.log(var)  # (N, P, O, 16)
     # Paper Sec. 3: cost_h = (beta_v + log sigma_h) sum_i R_ij; the data term
     # normalised by O / I (Gritzman 2019, pitfall 3).
@@ -252,13 +263,8 @@ def m_step_unnormalised(rr, votes, i_activations, beta_v, beta_a, inverse_temper
 
     Args and returns: as `m_step_paper`, without `data_scale`.
     """
-    rr_prime = rr * i_activations[:, :, None, :]  # (N, P, O, I)
-    rr_sum = tf.reduce_sum(rr_prime, -1)  # (N, P, O)
-    denom = (rr_sum + EPSILON)[..., None]  # (N, P, O, 1)
-    mean = tf.einsum("npoi,npohi->npoh", rr_prime, votes) / denom  # (N, P, O, 16)
-    dev2 = tf.square(votes - mean[..., None])  # (N, P, O, 16, I)
-    var = tf.maximum(tf.einsum("npoi,npohi->npoh", rr_prime, dev2) / denom,
-                     variance_floor)  # (N, P, O, 16)
+    rr_sum, mean, var, dev2 = _weighted_moments(rr, votes, i_activations)
+    var = tf.maximum(var, variance_floor)  # (N, P, O, 16)
     cost = tf.reduce_sum(beta_v[:, None] + tf.math.log(var), -1) * rr_sum  # (N, P, O)
     activations = tf.sigmoid(inverse_temperature * (beta_a - cost))  # (N, P, O)
     return mean, var, activations, dev2
