@@ -124,7 +124,7 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     import tensorflow as tf
     import keras
 
-    from capsem import native, nets, recipes
+    from capsem import native, nets, paper_routing, recipes
     from capsem import step as step_lib
 
     step_lib.configure_threads(intra_op_threads, inter_op_threads)
@@ -153,7 +153,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     labels = tf.constant(rng.randint(0, num_classes, batch_size).astype(np.int32))
 
     kwargs = {} if jit is None else {"jit_compile": jit}
-    covered = recipes.native_kernels_cover(settings["lambda_schedule"], settings["routing_cost"])
+    covered = paper_routing.native_kernels_cover(settings["lambda_schedule"],
+                                                 settings["routing_cost"])
     if routing_kernels == "native" and not covered:
         raise ValueError(f"routing_kernels='native' does not implement the {recipe} recipe's "
                          f"lambda_schedule={settings['lambda_schedule']!r} and routing_cost="

@@ -569,9 +569,22 @@ def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
                  variance_floor, assignment_gradient, inverse_temperature, cost)
 
 
+def native_kernels_cover(lambda_schedule, routing_cost):
+    """Whether the native routing ops implement these paper routing settings.
+
+    The native ops (`capsem.native`) take the inverse temperatures as
+    attributes and implement the normalised M-step only: with
+    `lambda_schedule="ramp"` or `routing_cost="unnormalised"` the routing runs
+    in the XLA kernels (`route`). The one place that decides it, for configs
+    (`capsem.training`, `capsem.bench`) and for the layers' arguments.
+    """
+    return lambda_schedule == "iterations" and routing_cost == "normalised"
+
+
 def _native_covers(inverse_temperature, cost):
-    """Whether the native ops implement these options (else the XLA kernels route)."""
-    return inverse_temperature is None and cost == "normalised"
+    """`native_kernels_cover` for a layer's arguments: an `inverse_temperature`
+    is given exactly when the layer follows `lambda_schedule="ramp"`."""
+    return native_kernels_cover("iterations" if inverse_temperature is None else "ramp", cost)
 
 
 def _route_native(src, w, offsets, a, beta_v, beta_a, iterations, final_lambda, child_map,

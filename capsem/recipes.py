@@ -121,14 +121,3 @@ def resolve(recipe, overrides):
     values = dict(RECIPES[recipe])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return values
-
-
-def native_kernels_cover(lambda_schedule, routing_cost):
-    """Whether the native routing ops implement these paper routing settings.
-
-    The native ops (`capsem.native`) take the inverse temperatures as
-    attributes and implement the normalised M-step only: with
-    `lambda_schedule="ramp"` or `routing_cost="unnormalised"` the routing runs
-    in the XLA kernels (`capsem.paper_routing.route`).
-    """
-    return lambda_schedule == "iterations" and routing_cost == "normalised"

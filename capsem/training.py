@@ -654,8 +654,8 @@ def margin_function(config, num_train):
 
 def native_kernels_cover(config):
     """Whether the native routing ops implement a config's paper routing options
-    (`capsem.recipes.native_kernels_cover`)."""
-    return recipes.native_kernels_cover(config.lambda_schedule, config.routing_cost)
+    (`capsem.paper_routing.native_kernels_cover`)."""
+    return paper_routing.native_kernels_cover(config.lambda_schedule, config.routing_cost)
 
 
 def inverse_temperature_function(config, num_train):

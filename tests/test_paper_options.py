@@ -201,6 +201,11 @@ def test_config_checks_of_the_options():
     assert not training.native_kernels_cover(paper)
     assert training.native_kernels_cover(training.TrainConfig.from_recipe(
         "paper", lambda_schedule="iterations", routing_cost="normalised"))
+    # The layers' argument-level check decides the same (one rule, in paper_routing).
+    lam = tf.constant(0.5)
+    assert paper_routing._native_covers(None, "normalised")
+    assert not paper_routing._native_covers(lam, "normalised")
+    assert not paper_routing._native_covers(None, "unnormalised")
     cases = [
         (dict(lambda_schedule="ramp"), "needs routing='paper'"),
         (dict(routing_cost="unnormalised"), "needs routing='paper'"),
