@@ -78,7 +78,7 @@ flags.DEFINE_float("lambda_start", None,
                    "the recipe's (1e-3).")
 flags.DEFINE_float("lambda_growth", None,
                    "--lambda_schedule=ramp: the inverse temperature's growth per epoch (>= 0). "
-                   "Default: the recipe's (0.1).")
+                   "Default: the recipe's (paper 0.3).")
 flags.DEFINE_float("variance_floor", None,
                    "Paper routing: added to every variance (a parent with one child must not "
                    "reach log 0). Default: the recipe's (paper 1e-2).")
@@ -116,7 +116,7 @@ flags.DEFINE_integer("random_shift", None,
 
 # --- training --------------------------------------------------------------
 flags.DEFINE_integer("batch_size", None,
-                     "Training batch size. Default: the recipe's (article 24, paper 64). With "
+                     "Training batch size. Default: the recipe's (article 24, paper 32). With "
                      "--distribute it is the GLOBAL "
                      "batch: split over all replicas of all workers, the step's loss and "
                      "gradients are summed over all of it.", lower_bound=1)

@@ -131,7 +131,7 @@ def test_paper_recipe_learns_a_two_class_problem(tmp_path):
         jit_compile=False, learning_rate=None, margin_ramp_epochs=0.5, lambda_growth=0.02)
     # The schedules that count epochs are shortened for this run of 480 images (an MNIST
     # epoch is 60,000): the margin reaches 0.9 after half an epoch, and the inverse
-    # temperature grows by 0.02 per epoch (the recipe: 0.1), so that it stays below 0.07,
+    # temperature grows by 0.02 per epoch (the recipe: 0.3), so that it stays below 0.07,
     # where the class activations are not yet saturated (with 0.1 per epoch they saturate
     # within this run and the two classes tie).
     result = training.train(config)
