@@ -153,16 +153,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     labels = tf.constant(rng.randint(0, num_classes, batch_size).astype(np.int32))
 
     kwargs = {} if jit is None else {"jit_compile": jit}
-    covered = paper_routing.native_kernels_cover(settings["lambda_schedule"],
-                                                 settings["routing_cost"])
-    if routing_kernels == "native" and not covered:
-        raise ValueError(f"routing_kernels='native' does not implement the {recipe} recipe's "
-                         f"lambda_schedule={settings['lambda_schedule']!r} and routing_cost="
-                         f"{settings['routing_cost']!r}; use 'auto' or 'xla'")
     routing_kernels = step_lib.resolve_routing_kernels(routing_kernels,
                                                        step_lib.compute_devices())
-    if not covered:
-        routing_kernels = "xla"  # as train.py: the native ops implement neither option
     kwargs["routing_kernels"] = routing_kernels
     if mode == "train":
         if micro_batch_size is not None:

@@ -266,24 +266,28 @@ def _em_routing_grad(op, g_mean, g_act, g_saved_rr, g_stats):
 
 def _gradient(grad_op, op, g_mean, g_act, attrs):
     """The gradients of a routing op's inputs by its gradient op `grad_op`, which takes the
-    op's inputs, its saved assignments and statistics, the output gradients and the op's
-    attributes named in `attrs`; none for the constant offsets, none for w with votes."""
+    op's first six inputs (src, w, offsets, a, beta_v, beta_a), its saved assignments and
+    statistics, the output gradients, the op's further inputs (the paper op's
+    inverse_temperature) and the op's attributes named in `attrs`; none for the constant
+    offsets, none for w with votes, none for the further inputs (set by a schedule, not
+    learned)."""
     mean, act, saved_rr, stats = op.outputs
     if g_mean is None:
         g_mean = tf.zeros_like(mean)
     if g_act is None:
         g_act = tf.zeros_like(act)
-    src, w, offsets, a, beta_v, beta_a = op.inputs
+    src, w, offsets, a, beta_v, beta_a, *further = op.inputs
     g_src, g_w, g_a, g_beta_v, g_beta_a = grad_op(
-        src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act,
+        src, w, offsets, a, beta_v, beta_a, saved_rr, stats, g_mean, g_act, *further,
         **{name: op.get_attr(name) for name in attrs})
     from_poses = src.shape.rank == 3
-    return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a]
+    return [g_src, g_w if from_poses else None, None, g_a, g_beta_v, g_beta_a] + [
+        None] * len(further)
 
 
 #: The attributes of CapsemEmRoutingPaper that its gradient op takes as well.
 _PAPER_ATTRS = ("inverse_temperatures", "variance_floor", "positions", "child_index",
-                "num_sources", "assignment_gradient")
+                "num_sources", "assignment_gradient", "cost")
 
 
 @tf.RegisterGradient("CapsemEmRoutingPaper")

@@ -43,10 +43,11 @@ Symbols (as in `capsem.ops`):
   C        input capsule types
   16       a 4x4 pose matrix flattened row-major
 
-Routing runs as plain TensorFlow ops (differentiated by TensorFlow); inside a
-tf.function each layer's routing is one XLA-compiled function (its gradient
-is compiled as well). The native C++ kernels of `capsem.native` cover the
-article's routing only.
+`em_routing_paper` is the reference, plain TensorFlow ops (differentiated by
+TensorFlow). The layers call `route` / `route_from_poses`, which run the
+native C++ kernels of `capsem.native` (`capsem/native/em_routing_paper.cc`,
+both costs and both inverse temperature schedules) or, where those are off,
+one XLA-compiled function per layer inside a tf.function.
 """
 
 import contextlib
@@ -477,10 +478,9 @@ def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_L
     and eagerly or where XLA is off (`compiled(False)`, or inside a function
     compiled as a whole) it runs as plain TensorFlow ops. All give the numbers
     of `em_routing_paper` to float32 rounding, and its gradient. With an
-    `inverse_temperature` (`--lambda_schedule=ramp`) the routing always runs
-    in the XLA kernels: the native ops take their inverse temperatures as
-    attributes, fixed when a step is traced; so does `cost="unnormalised"`,
-    which the native ops do not implement.
+    `inverse_temperature` (`--lambda_schedule=ramp`) and `cost="unnormalised"`
+    the routing runs
+    in the native ops too: they take it as an input, read at every step.
 
     Args and returns: as `em_routing_paper` (without `return_assignments`).
     """
@@ -489,13 +489,13 @@ def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_L
     _check_cost(cost)
     if inverse_temperature is not None:
         inverse_temperature = _check_inverse_temperature(inverse_temperature, votes.dtype)
-    if _native_covers(inverse_temperature, cost) and ops._use_native(votes.dtype):
+    if ops._use_native(votes.dtype):
         _, num_p, num_i, num_o, _ = votes.shape.as_list()
         flat_v = tf.reshape(votes, [-1, num_i, num_o, 16])  # (N*P, I, O, 16)
         flat_a = tf.reshape(i_activations, [-1, num_i])  # (N*P, I)
         return _route_native(flat_v, None, None, flat_a, beta_v, beta_a, iterations,
                              final_lambda, child_map, num_p, variance_floor,
-                             assignment_gradient)
+                             assignment_gradient, inverse_temperature, cost)
     jit = (not tf.executing_eagerly() and getattr(ops._SETTINGS, "paper_jit", True)
            and not ops.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
     if not jit:
@@ -552,7 +552,10 @@ def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
                          f"shape {tuple(w.shape)}")
     num_o = w.shape[2]
     flat_p = tf.reshape(poses, [-1, num_i, 16])  # (N*P, I, 16)
-    if _native_covers(inverse_temperature, cost) and ops._use_native(poses.dtype):
+    _check_cost(cost)
+    if inverse_temperature is not None:
+        inverse_temperature = _check_inverse_temperature(inverse_temperature, poses.dtype)
+    if ops._use_native(poses.dtype):
         # The checks of `route`, on a votes-shaped placeholder of zero examples.
         _, i_activations, beta_v, beta_a = _check_inputs(
             tf.zeros([0, num_p, num_i, num_o, 16], poses.dtype), i_activations, beta_v,
@@ -560,7 +563,7 @@ def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
         flat_a = tf.reshape(i_activations, [-1, num_i])  # (N*P, I)
         return _route_native(flat_p, w[0], offsets, flat_a, beta_v, beta_a, iterations,
                              final_lambda, child_map, num_p, variance_floor,
-                             assignment_gradient)
+                             assignment_gradient, inverse_temperature, cost)
     votes = ops.mat_transform(flat_p, w)  # (N*P, I, O, 16)
     if offsets is not None:
         votes = votes + offsets[:, None, :]  # (N*P, I, O, 16)
@@ -570,26 +573,8 @@ def route_from_poses(poses, w, i_activations, beta_v, beta_a, iterations,
                  variance_floor, assignment_gradient, inverse_temperature, cost)
 
 
-def native_kernels_cover(lambda_schedule, routing_cost):
-    """Whether the native routing ops implement these paper routing settings.
-
-    The native ops (`capsem.native`) take the inverse temperatures as
-    attributes and implement the normalised M-step only: with
-    `lambda_schedule="ramp"` or `routing_cost="unnormalised"` the routing runs
-    in the XLA kernels (`route`). The one place that decides it, for configs
-    (`capsem.training`, `capsem.bench`) and for the layers' arguments.
-    """
-    return lambda_schedule == "iterations" and routing_cost == "normalised"
-
-
-def _native_covers(inverse_temperature, cost):
-    """`native_kernels_cover` for a layer's arguments: an `inverse_temperature`
-    is given exactly when the layer follows `lambda_schedule="ramp"`."""
-    return native_kernels_cover("iterations" if inverse_temperature is None else "ramp", cost)
-
-
 def _route_native(src, w, offsets, a, beta_v, beta_a, iterations, final_lambda, child_map,
-                  positions, variance_floor, assignment_gradient):
+                  positions, variance_floor, assignment_gradient, inverse_temperature, cost):
     """The paper's routing of M = N*P problems in the native ops (capsem/native/em_routing_paper.cc).
 
     Args:
@@ -599,6 +584,9 @@ def _route_native(src, w, offsets, a, beta_v, beta_a, iterations, final_lambda, 
       a: `(M, I)`; beta_v, beta_a: `(O,)`.
       positions: P, the output positions of one example (`child_map.positions`,
         or 1 for class capsules).
+      inverse_temperature: None (the ops' attribute holds the schedule of
+        `final_lambda`) or a checked scalar tensor, passed as the ops' input
+        (read at every call: the ramp's value changes between steps).
       Others: as `em_routing_paper`.
 
     Returns:
@@ -609,13 +597,15 @@ def _route_native(src, w, offsets, a, beta_v, beta_a, iterations, final_lambda, 
     num_o = beta_v.shape[0]
     if w is not None:
         w = tf.reshape(w, [w.shape[0], num_o, 16])  # (I, O, 16)
+    lam = empty if inverse_temperature is None else tf.reshape(inverse_temperature, [1])  # (1,)
     mean, act, _, _ = lib.capsem_em_routing_paper(
         src, empty if w is None else w, empty if offsets is None else offsets, a,
-        beta_v, beta_a, inverse_temperatures=inverse_temperatures_paper(iterations, final_lambda),
+        beta_v, beta_a, lam,
+        inverse_temperatures=inverse_temperatures_paper(iterations, final_lambda),
         variance_floor=float(variance_floor), positions=int(positions),
         child_index=[] if child_map is None else [int(g) for g in child_map.index],
         num_sources=0 if child_map is None else int(child_map.num_sources),
-        assignment_gradient=bool(assignment_gradient))
+        assignment_gradient=bool(assignment_gradient), cost=cost)
     # mean (M, O, 16), act (M, O)
     mean = tf.reshape(mean, [-1, positions, num_o, 16])  # (N, P, O, 16)
     act = tf.reshape(act, [-1, positions, num_o])  # (N, P, O)

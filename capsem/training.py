@@ -336,12 +336,6 @@ class TrainConfig:
             raise ConfigError(f"routing_cost={self.routing_cost!r} needs routing='paper' and "
                               f"model='capsules', got routing={self.routing!r}, "
                               f"model={self.model!r}")
-        if self.routing_kernels == "native" and not native_kernels_cover(self):
-            raise ConfigError(f"routing_kernels='native' does not implement "
-                              f"lambda_schedule={self.lambda_schedule!r} and "
-                              f"routing_cost={self.routing_cost!r} (the native ops cover "
-                              f"'iterations' and 'normalised'); use routing_kernels='auto' or "
-                              f"'xla'")
         if self.lambda_schedule not in LAMBDA_SCHEDULES:
             raise ConfigError(f"lambda_schedule must be one of {', '.join(LAMBDA_SCHEDULES)}, "
                               f"got {self.lambda_schedule!r}")
@@ -650,12 +644,6 @@ def margin_function(config, num_train):
     iterations_per_epoch = max(1, num_train // config.batch_size)
     ramp = max(1, int(round(config.margin_ramp_epochs * iterations_per_epoch)))
     return losses.make_margin_schedule(config.margin_schedule, iterations_per_epoch, ramp)
-
-
-def native_kernels_cover(config):
-    """Whether the native routing ops implement a config's paper routing options
-    (`capsem.paper_routing.native_kernels_cover`)."""
-    return paper_routing.native_kernels_cover(config.lambda_schedule, config.routing_cost)
 
 
 def inverse_temperature_function(config, num_train):
@@ -1227,9 +1215,6 @@ class _Trainer:
         # "auto": the native kernels where every device of the step is a CPU, else XLA's.
         devices = step_lib.compute_devices(self.strategy)
         kernels = step_lib.resolve_routing_kernels(config.routing_kernels, devices)
-        if not native_kernels_cover(config):
-            # The native ops implement neither the ramp nor the unnormalised M-step.
-            kernels = "xla"
         logging.info("EM routing kernels: %s (routing_kernels=%s; devices %s)", kernels,
                      config.routing_kernels, ", ".join(devices))
         kwargs = {}

@@ -40,6 +40,19 @@ NAMES = ["poses", "activations", "d poses", "d activations", "d w", "d beta_v", 
     # votes formed once per example (em_routing_paper.cc); smaller N: phase by phase.
     (2, (33, 5, 5, 2), 2, {}),
     ("class", (33, 2, 2, 3), 3, {}),
+    # cost="unnormalised" (UnnormalisedCost) and the inverse temperature as an input (ramp)
+    (2, (2, 7, 7, 3), 3, {"routing_cost": "unnormalised"}),
+    (1, (2, 6, 5, 2), 2, {"routing_cost": "unnormalised", "variance_floor": 1.0}),  # clamped
+    (1, (1, 5, 5, 2), 3, {"routing_cost": "unnormalised", "assignment_gradient": False,
+                          "inverse_temperature": 0.4}),
+    (2, (2, 5, 5, 2), 1, {"routing_cost": "unnormalised", "inverse_temperature": 0.05,
+                          "variance_floor": 1e-2}),              # the paper recipe's routing
+    (1, (2, 6, 5, 2), 3, {"inverse_temperature": 0.8}),         # the ramp, normalised cost
+    ("class", (3, 3, 3, 4), 3, {"routing_cost": "unnormalised", "inverse_temperature": 1.5}),
+    ("class", (3, 2, 2, 3), 2, {"routing_cost": "unnormalised", "variance_floor": 1.0}),
+    (2, (33, 5, 5, 2), 2, {"routing_cost": "unnormalised", "inverse_temperature": 0.3}),
+    ("class", (33, 2, 2, 3), 1, {"routing_cost": "unnormalised", "inverse_temperature": 0.2,
+                                 "variance_floor": 1e-2}),
 ])
 def test_native_paper_matches_tensorflow_ops(kind, shape, iterations, options):
     """Outputs and every gradient of the native ops, eagerly and in a tf.function, against
@@ -84,13 +97,49 @@ def test_native_paper_with_an_unknown_batch_size():
             assert_close(got, want, 2e-5 if name[0] != "d" else 1e-4, what=f"N={n} {name}")
 
 
+def test_native_paper_reads_the_ramps_inverse_temperature_at_every_call():
+    """The ramp's weight is an input of the ops, not an attribute fixed when a step is
+    traced: a tf.function traced once follows its new values."""
+    native_or_skip()
+    rng = np.random.default_rng(11)
+    poses = tf.constant(rng.normal(size=(2, 5, 5, 2, 4, 4)).astype(np.float32))
+    acts = tf.constant(rng.uniform(0.05, 1.0, size=(2, 5, 5, 2)).astype(np.float32))
+    layer = _layer(2, iterations=1, inverse_temperature=0.05, routing_cost="unnormalised",
+                   variance_floor=1e-2)
+    layer.build([poses.shape, acts.shape])
+    fn = tf.function(_outputs_and_grads)
+    with ops.native_routing_kernels(True):
+        first = fn(layer, poses, acts)
+        layer.inverse_temperature.assign(0.9)
+        second = fn(layer, poses, acts)
+    assert fn.experimental_get_tracing_count() == 1
+    with ops.native_routing_kernels(False), paper_routing.compiled(False):
+        ref = _outputs_and_grads(layer, poses, acts)
+    assert float(tf.reduce_max(tf.abs(first[1] - second[1]))) > 1e-3
+    for got, want, name in zip(second, ref, NAMES):
+        assert_close(got, want, 2e-5 if name[0] != "d" else 1e-4, what=name)
+
+
+@pytest.mark.parametrize("lam,message", [
+    ([0.5, 0.5], "inverse_temperature must hold 0 values .* or 1"),
+    ([0.0], "inverse_temperature must be > 0, got 0"),
+])
+def test_native_paper_op_rejects_a_bad_inverse_temperature(lam, message):
+    native_or_skip()
+    empty = tf.zeros([0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        native.load().capsem_em_routing_paper(
+            tf.zeros([1, 4, 2, 16]), empty, empty, tf.ones([1, 4]), tf.zeros([2]),
+            tf.zeros([2]), tf.constant(lam), inverse_temperatures=[1.0], variance_floor=1e-4)
+
+
 def test_native_paper_op_rejects_a_bad_child_map():
     native_or_skip()
     empty = tf.zeros([0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="child_index entry 9 outside"):
         native.load().capsem_em_routing_paper(
             tf.zeros([1, 9, 2, 16]), empty, empty, tf.ones([1, 9]), tf.zeros([2]),
-            tf.zeros([2]), inverse_temperatures=[1.0], variance_floor=1e-4, positions=1,
+            tf.zeros([2]), empty, inverse_temperatures=[1.0], variance_floor=1e-4, positions=1,
             child_index=list(range(8)) + [9], num_sources=9)
 
 
@@ -111,7 +160,7 @@ def test_native_paper_op_shapes_with_unknown_ranks():
 
     def trace(src, w):
         return lib.capsem_em_routing_paper(
-            src, w, tf.zeros([0]), tf.ones([2, 3]), tf.zeros([4]), tf.zeros([4]),
+            src, w, tf.zeros([0]), tf.ones([2, 3]), tf.zeros([4]), tf.zeros([4]), tf.zeros([0]),
             inverse_temperatures=[1.0, 2.0], variance_floor=1e-4)
 
     fn = tf.function(trace, input_signature=[tf.TensorSpec(None), tf.TensorSpec([None])])

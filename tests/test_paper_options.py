@@ -198,14 +198,6 @@ def test_config_checks_of_the_options():
     paper = training.TrainConfig.from_recipe("paper")
     assert (paper.lambda_schedule, paper.routing_cost, paper.iterations,
             paper.batch_size) == ("ramp", "unnormalised", 1, 32)
-    assert not training.native_kernels_cover(paper)
-    assert training.native_kernels_cover(training.TrainConfig.from_recipe(
-        "paper", lambda_schedule="iterations", routing_cost="normalised"))
-    # The layers' argument-level check decides the same (one rule, in paper_routing).
-    lam = tf.constant(0.5)
-    assert paper_routing._native_covers(None, "normalised")
-    assert not paper_routing._native_covers(lam, "normalised")
-    assert not paper_routing._native_covers(None, "unnormalised")
     cases = [
         (dict(lambda_schedule="ramp"), "needs routing='paper'"),
         (dict(routing_cost="unnormalised"), "needs routing='paper'"),
@@ -214,8 +206,6 @@ def test_config_checks_of_the_options():
         (dict(routing="paper", lambda_schedule="ramp", lambda_start=2.0),
          "lambda_start .* must be <= final_lambda"),
         (dict(routing="paper", lambda_growth=-0.1), "lambda_growth must be >= 0"),
-        (dict(routing="paper", lambda_schedule="ramp", routing_kernels="native"),
-         "routing_kernels='native' does not implement"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -24,6 +24,14 @@
 // (M, I, 16) with w (I, O, 16) and optional offsets (I, 16), formed per
 // problem in a per-thread buffer (em_common.h).
 //
+// Two M-step costs (the attribute `cost`, capsem.paper_routing.M_STEPS), each
+// a policy struct below that the phases are instantiated with at the kernel
+// entry (Run): NormalisedCost (m_step_paper) and UnnormalisedCost
+// (m_step_unnormalised, YuxianMeng's M-step). The inverse temperatures are the
+// attribute `inverse_temperatures` (one per iteration), or, when the input
+// `inverse_temperature` holds one value (--lambda_schedule=ramp: a value that
+// training changes between steps), that value at every iteration.
+//
 // Unlike the article's routing, the E-step of a conv layer couples the
 // output positions of one example: a child's assignments are normalised over
 // every (position, type) whose window holds it. Each iteration is therefore
@@ -60,15 +68,16 @@
 //     (A, B), the N examples (R) or the chunks (V), the votes formed again in
 //     each phase of each problem.
 //
-// The arithmetic follows capsem.paper_routing.m_step_paper / e_step_paper
-// (the M-step's sums divided by R_j + eps, the variance floor, the cost
-// (beta_v + log sigma) * R_j * O / I, a = sigmoid(lambda (beta_a - cost))),
+// The arithmetic follows capsem.paper_routing.m_step_paper (or
+// m_step_unnormalised) / e_step_paper (the M-step's sums divided by R_j + eps,
+// the variance floor, the cost of the policy, a = sigmoid(lambda (beta_a - cost))),
 // with sums over h, i and slots accumulated in other orders (float32
 // rounding), and the softmax over a child's parents computed from per-slot
 // partial results (mathematically the same numbers).
 
 #include <functional>
 #include <limits>
+#include <string>
 
 #include "em_common.h"
 
@@ -88,9 +97,11 @@ struct Children {
   std::vector<float> rr0;            // (P*I,): the first M-step's assignment, 1 / (O * parents)
 
   // child_index (P*K*K,): grid position of window slot k of position p
-  // (ChildMap.index); num_sources: H*W, 0 without a child map.
+  // (ChildMap.index); num_sources: H*W, 0 without a child map. layer_split:
+  // the initial assignments of cost="unnormalised", 1 / (O * P) for every slot
+  // of a conv layer (initial_assignments), instead of 1 / (O * parents).
   absl::Status Build(int64_t P, int64_t I, int64_t O, const std::vector<int64_t>& child_index,
-                     int64_t num_sources) {
+                     int64_t num_sources, bool layer_split) {
     slot_child.assign(P * I, 0);
     std::vector<int64_t> count;
     if (num_sources == 0) {  // class layout: every slot is its own child, 1 / O each
@@ -119,9 +130,11 @@ struct Children {
         }
     }
     rr0.resize(P * I);
-    for (int64_t s = 0; s < P * I; ++s)  // as initial_assignments: in double, then float
+    for (int64_t s = 0; s < P * I; ++s) {  // as initial_assignments: in double, then float
+      const int64_t parents = layer_split && num_sources > 0 ? P : count[slot_child[s]];
       rr0[s] = static_cast<float>(1.0 / (static_cast<double>(O) *
-                                         static_cast<double>(count[slot_child[s]])));
+                                         static_cast<double>(parents)));
+    }
     return absl::OkStatus();
   }
 };
@@ -148,6 +161,65 @@ struct PaperScratch {
   std::vector<float> rs, act;  // (O,)
   float* Row(VecBuffer& b, int64_t o) { return reinterpret_cast<float*>(b.data()) + o * i_pad; }
   float* Flat(VecBuffer& b) { return reinterpret_cast<float*>(b.data()); }
+};
+
+// The M-step costs. Each gives the variance from the weighted one (raw, no
+// floor), the cost of parent o, and the reverse of both: from d cost and d var
+// (the E-step's, in *g_var) it adds d beta_v, returns d R_j, turns *g_var into
+// d raw and gives the raw variance (for the reverse of the weighted sums).
+
+// m_step_paper (cost="normalised"): var = raw + floor (Gritzman 2019, pitfall 2);
+// cost = sum_h (beta_v + 0.5 log var) * R_j * O / I (paper Sec. 3; the data
+// normalised, pitfall 3).
+struct NormalisedCost {
+  static Vec Variance(Vec raw, float floor) { return raw + floor; }
+  static Vec LogStdv(Vec var) {
+    Vec log_stdv;
+    for (int h = 0; h < 16; ++h) log_stdv[h] = 0.5f * std::log(var[h]);
+    return log_stdv;
+  }
+  static float Cost(const PaperProblem& pp, int64_t o, Vec var, float rs) {
+    return HSum(Splat(pp.pb.beta_v[o]) + LogStdv(var)) * (rs * pp.data_scale);
+  }
+  static float Reverse(const PaperProblem& pp, int64_t o, Vec var, float rs, float g_cost,
+                       float* g_beta_v, Vec* g_var, Vec* raw) {
+    const float g_rs = g_cost * HSum(Splat(pp.pb.beta_v[o]) + LogStdv(var)) * pp.data_scale;
+    const float g_sum_h = g_cost * (rs * pp.data_scale);  // d sum_h (beta_v + L_h)
+    *g_beta_v += 16.0f * g_sum_h;
+    *g_var += 0.5f * g_sum_h / var;
+    *raw = var - pp.floor;
+    return g_rs;
+  }
+};
+
+// m_step_unnormalised (cost="unnormalised", YuxianMeng's PyTorch M-step):
+// var = max(raw, floor); cost = sum_h (beta_v + log var) * R_j. The reverse of
+// the max passes d var where raw > floor (TensorFlow's passes it where raw >=
+// floor: the two differ only where raw equals the floor exactly).
+struct UnnormalisedCost {
+  static Vec Variance(Vec raw, float floor) {
+    const Vec fl = Splat(floor);
+    return raw > fl ? raw : fl;
+  }
+  static Vec LogVar(Vec var) {
+    Vec log_var;
+    for (int h = 0; h < 16; ++h) log_var[h] = std::log(var[h]);
+    return log_var;
+  }
+  static float Cost(const PaperProblem& pp, int64_t o, Vec var, float rs) {
+    return HSum(Splat(pp.pb.beta_v[o]) + LogVar(var)) * rs;
+  }
+  static float Reverse(const PaperProblem& pp, int64_t o, Vec var, float rs, float g_cost,
+                       float* g_beta_v, Vec* g_var, Vec* raw) {
+    const float g_rs = g_cost * HSum(Splat(pp.pb.beta_v[o]) + LogVar(var));
+    const float g_sum_h = g_cost * rs;  // d sum_h (beta_v + log var_h)
+    *g_beta_v += 16.0f * g_sum_h;
+    const Vec g = *g_var + g_sum_h / var;
+    const Vec fl = Splat(pp.floor), zero = Splat(0.0f);
+    *g_var = var > fl ? g : zero;  // d raw: 0 where the floor holds
+    *raw = var;  // where d raw is not 0
+    return g_rs;
+  }
 };
 
 // a of problem m into s->a_pad (I,), tails zero.
@@ -185,10 +257,11 @@ void WeightedRows(PaperScratch* s) {
   }
 }
 
-// m_step_paper of one problem from s->rrp and s->rs: mean, var (O Vecs) and act (O).
-//   mean = sum_i rr' V / (R_j + eps);  var = sum_i rr' (V - mean)^2 / (R_j + eps) + floor
-//   cost = sum_h (beta_v + 0.5 log var) * (R_j * O / I);  act = sigmoid(lambda (beta_a - cost))
-void MStepPaper(const PaperProblem& pp, float lam, const Vec* v, PaperScratch* s) {
+// The M-step of one problem from s->rrp and s->rs: mean, var (O Vecs) and act (O).
+//   mean = sum_i rr' V / (R_j + eps);  var = Cost::Variance(sum_i rr' (V - mean)^2 / (R_j + eps))
+//   act = sigmoid(lambda (beta_a - Cost::Cost))
+template <class Cost>
+void MStep(const PaperProblem& pp, float lam, const Vec* v, PaperScratch* s) {
   const int64_t I = s->I, O = s->O;
   for (int64_t o = 0; o < O; ++o) {
     const float* rrp = s->Row(s->rrp, o);
@@ -217,12 +290,10 @@ void MStepPaper(const PaperProblem& pp, float lam, const Vec* v, PaperScratch* s
       const Vec d = vo[i] - mean;
       a0 += rrp[i] * (d * d);
     }
-    const Vec var = ((a0 + a1) + (a2 + a3)) / denom + pp.floor;
+    const Vec var = Cost::Variance(((a0 + a1) + (a2 + a3)) / denom, pp.floor);
     s->mean[o] = mean;
     s->var[o] = var;
-    Vec log_stdv;
-    for (int h = 0; h < 16; ++h) log_stdv[h] = 0.5f * std::log(var[h]);
-    const float cost = HSum(Splat(pp.pb.beta_v[o]) + log_stdv) * (s->rs[o] * pp.data_scale);
+    const float cost = Cost::Cost(pp, o, var, s->rs[o]);
     s->act[o] = 1.0f / (1.0f + std::exp(-(lam * (pp.pb.beta_a[o] - cost))));
   }
 }
@@ -237,6 +308,7 @@ struct ForwardBuffers {
 
 // Phase A of iteration t for problem m (see the top of the file). votes: the
 // problem's (O, I) votes if already formed, else (null) formed into s->votes.
+template <class Cost>
 void ForwardPhase(const PaperProblem& pp, const float* src, const float* a, int64_t m, int t,
                   const ForwardBuffers& fb, PaperScratch* s, const Vec* votes = nullptr) {
   const Problem& pb = pp.pb;
@@ -253,7 +325,7 @@ void ForwardPhase(const PaperProblem& pp, const float* src, const float* a, int6
     LoadAssignments(pp, m, saved, s);
   }
   WeightedRows(s);
-  MStepPaper(pp, pb.lams[t], v, s);
+  MStep<Cost>(pp, pb.lams[t], v, s);
   float* st = fb.stats + (t * M + m) * O * kPaperStat;  // (O, kPaperStat)
   for (int64_t o = 0; o < O; ++o) {
     Store(st + kPaperStat * o, s->mean[o]);
@@ -359,20 +431,22 @@ struct BackwardBuffers {
 //     d mean += -sum_i q dev / var;   d V += q dev / var
 //   M-step: act = sigmoid(x), x = lambda (beta_a - cost):
 //     g_x = d act act (1 - act);  d beta_a += lambda g_x;  d cost = -lambda g_x
+//   cost and var from raw (Cost::Reverse), e.g. for NormalisedCost
 //   cost = sum_h (beta_v + L_h) R_j ds, L = 0.5 log var, ds = O / I:
 //     d R_j += d cost sum_h (beta_v + L_h) ds;  d beta_v += 16 d cost R_j ds
-//     d var += 0.5 d cost R_j ds / var
-//   var = sum_i rr' dev^2 / D + floor, mean = sum_i rr' V / D, D = R_j + eps:
-//     d mean += -(2 d var / D) sum_i rr' dev = -(2 d var / D) eps mean
-//     d rr'_i = sum_h (d var dev^2 + d mean V)_ih / D + d R_j
-//               - sum_h (d var (var - floor) + d mean mean) / D
-//     d V += rr' (d mean / D) + dev rr' (2 d var / D)
+//     d var += 0.5 d cost R_j ds / var;  d raw = d var
+//   raw = sum_i rr' dev^2 / D, mean = sum_i rr' V / D, D = R_j + eps:
+//     d mean += -(2 d raw / D) sum_i rr' dev = -(2 d raw / D) eps mean
+//     d rr'_i = sum_h (d raw dev^2 + d mean V)_ih / D + d R_j
+//               - sum_h (d raw raw + d mean mean) / D
+//     d V += rr' (d mean / D) + dev rr' (2 d raw / D)
 //   rr' = rr_t a:  d a += sum_o d rr' rr_t;  d rr_t = d rr' a.
 //
 // The vote gradient of iteration t is rr' mfac + dev (rr' ufac + q / var) with
-// mfac = d mean / D and ufac = 2 d var / D, which phase V forms from the
+// mfac = d mean / D and ufac = 2 d raw / D, which phase V forms from the
 // saved factors; phase B writes d rr_t into g_rr and sum_o rr_t d rr_t into
 // slot_dot (for phase R before phase B of t - 1). votes: as in ForwardPhase.
+template <class Cost>
 void BackwardPhase(const PaperProblem& pp, const float* src, const float* a, int64_t m, int t,
                    bool assignment_gradient, const BackwardBuffers& bb, PaperScratch* s,
                    const Vec* votes = nullptr) {
@@ -439,21 +513,16 @@ void BackwardPhase(const PaperProblem& pp, const float* src, const float* a, int
     const float g_x = g_act * act * (1.0f - act);
     g_beta_a[o] += lam * g_x;
     const float g_cost = -lam * g_x;
-    // cost = sum_h (beta_v + 0.5 log var) * (R_j * ds)
-    Vec log_stdv;
-    for (int h = 0; h < 16; ++h) log_stdv[h] = 0.5f * std::log(var[h]);
-    float g_rs = g_cost * HSum(Splat(pb.beta_v[o]) + log_stdv) * pp.data_scale;
-    const float g_sum_h = g_cost * (rs * pp.data_scale);  // d sum_h (beta_v + L_h)
-    g_beta_v[o] += 16.0f * g_sum_h;
-    g_var += 0.5f * g_sum_h / var;
-    // var and mean: the sums over i divided by D = R_j + eps
+    Vec raw;  // g_var becomes d raw
+    float g_rs = Cost::Reverse(pp, o, var, rs, g_cost, &g_beta_v[o], &g_var, &raw);
+    // raw and mean: the sums over i divided by D = R_j + eps
     const Vec ufac = 2.0f * g_var / denom;
-    g_mean -= ufac * (kEps * mean);  // (2 d var / D) sum_i rr' dev, = eps mean
+    g_mean -= ufac * (kEps * mean);  // (2 d raw / D) sum_i rr' dev, = eps mean
     const Vec mfac = g_mean / denom;
-    g_rs -= HSum(g_var * (var - pp.floor) + g_mean * mean) / denom;
+    g_rs -= HSum(g_var * raw + g_mean * mean) / denom;
     Store(factors + kFactors * o, mfac);
     Store(factors + kFactors * o + 16, ufac);
-    // d rr'_i = sum_h (d var dev^2 + d mean V) / D + d R_j, into the row o of s->zz.
+    // d rr'_i = sum_h (d raw dev^2 + d mean V) / D + d R_j, into the row o of s->zz.
     float* g_rrp = s->Row(s->zz, o);
     for (int64_t b = 0; b < i_pad; b += 16) {
       for (int j = 0; j < 16; ++j) {
@@ -564,14 +633,31 @@ class PaperBase : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("child_index", &child_index_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("num_sources", &num_sources_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("assignment_gradient", &assignment_gradient_));
+    std::string cost;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("cost", &cost));
+    unnormalised_ = cost == "unnormalised";
     iterations_ = static_cast<int>(lams_.size());
   }
 
  protected:
-  absl::Status Prepare(OpKernelContext* ctx, PaperProblem* pp, std::vector<float>* wt) {
+  // lam_input: the index of the input inverse_temperature.
+  absl::Status Prepare(OpKernelContext* ctx, int lam_input, PaperProblem* pp,
+                       std::vector<float>* wt) {
     Problem& pb = pp->pb;
     pb.stable = true;  // unused: the paper's routing is always guarded
     pb.lams = lams_;
+    const Tensor& lam = ctx->input(lam_input);
+    if (lam.NumElements() > 1)
+      return tensorflow::errors::InvalidArgument(
+          "CapsemEmRoutingPaper: inverse_temperature must hold 0 values (the attribute "
+          "inverse_temperatures) or 1, got shape ", lam.shape().DebugString());
+    if (lam.NumElements() == 1) {  // --lambda_schedule=ramp: one value at every iteration
+      const float value = lam.flat<float>()(0);
+      if (!(value > 0.0f))
+        return tensorflow::errors::InvalidArgument(
+            "CapsemEmRoutingPaper: inverse_temperature must be > 0, got ", value);
+      pb.lams.assign(iterations_, value);
+    }
     int64_t M;
     TF_RETURN_IF_ERROR(CheckInputs(ctx, "CapsemEmRoutingPaper", iterations_, &pb, &M));
     if (M % positions_)
@@ -585,7 +671,8 @@ class PaperBase : public OpKernel {
     pp->floor = floor_;
     pp->data_scale =
         static_cast<float>(static_cast<double>(pb.O) / static_cast<double>(pb.I));
-    TF_RETURN_IF_ERROR(pp->children.Build(pp->P, pb.I, pb.O, child_index_, num_sources_));
+    TF_RETURN_IF_ERROR(
+        pp->children.Build(pp->P, pb.I, pb.O, child_index_, num_sources_, unnormalised_));
     TransposeW(&pb, wt);
     return absl::OkStatus();
   }
@@ -624,6 +711,7 @@ class PaperBase : public OpKernel {
   std::vector<int64_t> child_index_;
   int iterations_;
   bool assignment_gradient_;  // the gradient flows through the E-steps' assignments
+  bool unnormalised_;  // cost="unnormalised" (UnnormalisedCost), else NormalisedCost
 };
 
 class EmRoutingPaperOp : public PaperBase {
@@ -631,9 +719,18 @@ class EmRoutingPaperOp : public PaperBase {
   using PaperBase::PaperBase;
 
   void Compute(OpKernelContext* ctx) override {
+    if (unnormalised_)
+      Run<UnnormalisedCost>(ctx);
+    else
+      Run<NormalisedCost>(ctx);
+  }
+
+ private:
+  template <class Cost>
+  void Run(OpKernelContext* ctx) {
     PaperProblem pp;
     std::vector<float> wt;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, &pp, &wt));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, /*lam_input=*/6, &pp, &wt));
     const int T = iterations_;
     const int64_t I = pp.pb.I, O = pp.pb.O, M = pp.N * pp.P, slots = pp.P * I;
     Tensor *mean, *act, *saved_rr, *stats;
@@ -661,7 +758,7 @@ class EmRoutingPaperOp : public PaperBase {
               VotesOfProblem(pp.pb, src, n * P + p, votes.data() + p * I * O);
           for (int t = 0; t < T; ++t) {
             for (int64_t p = 0; p < P; ++p)
-              ForwardPhase(pp, src, a, n * P + p, t, fb, &s,
+              ForwardPhase<Cost>(pp, src, a, n * P + p, t, fb, &s,
                            cache ? votes.data() + p * I * O : nullptr);
             if (t == T - 1) break;
             NormaliseOverParents(pp.children, n, slots, fb.slot_max, fb.slot_sum, &child_max,
@@ -673,7 +770,7 @@ class EmRoutingPaperOp : public PaperBase {
       for (int t = 0; t < T; ++t) {
         Parallel(ctx, M, cost, [&](int64_t begin, int64_t end) {
           PaperScratch s(pp, /*backward=*/false);
-          for (int64_t m = begin; m < end; ++m) ForwardPhase(pp, src, a, m, t, fb, &s);
+          for (int64_t m = begin; m < end; ++m) ForwardPhase<Cost>(pp, src, a, m, t, fb, &s);
         });
         if (t == T - 1) break;
         Parallel(ctx, pp.N, slots * 40, [&](int64_t begin, int64_t end) {
@@ -700,9 +797,18 @@ class EmRoutingPaperGradOp : public PaperBase {
   using PaperBase::PaperBase;
 
   void Compute(OpKernelContext* ctx) override {
+    if (unnormalised_)
+      Run<UnnormalisedCost>(ctx);
+    else
+      Run<NormalisedCost>(ctx);
+  }
+
+ private:
+  template <class Cost>
+  void Run(OpKernelContext* ctx) {
     PaperProblem pp;
     std::vector<float> wt;
-    OP_REQUIRES_OK(ctx, Prepare(ctx, &pp, &wt));
+    OP_REQUIRES_OK(ctx, Prepare(ctx, /*lam_input=*/10, &pp, &wt));
     const Problem& pb = pp.pb;
     const int T = iterations_;
     const int64_t I = pb.I, O = pb.O, M = pp.N * pp.P, slots = pp.P * I;
@@ -783,7 +889,7 @@ class EmRoutingPaperGradOp : public PaperBase {
                 VotesOfProblem(pb, src, n * P + p, votes.data() + p * I * O);
             for (int t = T - 1; t >= t_first; --t) {
               for (int64_t p = 0; p < P; ++p)
-                BackwardPhase(pp, src, a, n * P + p, t, assignment_gradient_, bb, &s,
+                BackwardPhase<Cost>(pp, src, a, n * P + p, t, assignment_gradient_, bb, &s,
                               cache ? votes.data() + p * I * O : nullptr);
               if (with_e && t > 0) SumOverParents(pp.children, n, slots, bb.slot_dot, &child_dot);
             }
@@ -796,7 +902,7 @@ class EmRoutingPaperGradOp : public PaperBase {
         Parallel(ctx, M, cost, [&](int64_t begin, int64_t end) {
           PaperScratch s(pp, /*backward=*/false);
           for (int64_t m = begin; m < end; ++m)
-            BackwardPhase(pp, src, a, m, t, assignment_gradient_, bb, &s);
+            BackwardPhase<Cost>(pp, src, a, m, t, assignment_gradient_, bb, &s);
         });
         if (with_e && t > 0)
           Parallel(ctx, N, slots * 10, [&](int64_t begin, int64_t end) {
@@ -841,12 +947,14 @@ REGISTER_OP("CapsemEmRoutingPaper")
     .Input("a: float")
     .Input("beta_v: float")
     .Input("beta_a: float")
+    .Input("inverse_temperature: float")
     .Attr("inverse_temperatures: list(float)")
     .Attr("variance_floor: float")
     .Attr("positions: int = 1")
     .Attr("child_index: list(int) = []")
     .Attr("num_sources: int = 0")
     .Attr("assignment_gradient: bool = true")
+    .Attr("cost: {'normalised', 'unnormalised'} = 'normalised'")
     .Output("mean: float")
     .Output("act: float")
     .Output("saved_rr: float")
@@ -883,12 +991,14 @@ REGISTER_OP("CapsemEmRoutingPaperGrad")
     .Input("stats: float")
     .Input("g_mean: float")
     .Input("g_act: float")
+    .Input("inverse_temperature: float")
     .Attr("inverse_temperatures: list(float)")
     .Attr("variance_floor: float")
     .Attr("positions: int = 1")
     .Attr("child_index: list(int) = []")
     .Attr("num_sources: int = 0")
     .Attr("assignment_gradient: bool = true")
+    .Attr("cost: {'normalised', 'unnormalised'} = 'normalised'")
     .Output("g_src: float")
     .Output("g_w: float")
     .Output("g_a: float")
