@@ -124,7 +124,7 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     import tensorflow as tf
     import keras
 
-    from capsem import native, nets, paper_routing, recipes
+    from capsem import native, nets, recipes
     from capsem import step as step_lib
 
     step_lib.configure_threads(intra_op_threads, inter_op_threads)

@@ -76,61 +76,6 @@ def test_class_caps_unnormalised_matches_reference(iterations):
     assert_close(out_p, ref_p, max_rel=2e-5, what="poses")
 
 
-def test_unnormalised_one_child_and_zero_activations_stay_finite():
-    """One child per parent (1x1 kernel, one type): the variance is clamped at the floor."""
-    rng = np.random.default_rng(5)
-    poses, acts = _inputs(rng, 2, 3, 3, 1)
-    layer = layers.ConvCaps(2, kernel_size=1, strides=1, iterations=2, routing="paper",
-                            variance_floor=1e-2, inverse_temperature=0.5,
-                            routing_cost="unnormalised")
-    layer.build([poses.shape, acts.shape])
-    _set_weights(layer, rng)
-    for a in (acts, np.zeros_like(acts)):
-        p_t, a_t = tf.constant(poses), tf.constant(a)
-        with tf.GradientTape() as tape:
-            tape.watch([p_t, a_t])
-            out_p, out_a = layer([p_t, a_t])
-            loss = tf.reduce_sum(out_a) + tf.reduce_sum(out_p)
-        grads = tape.gradient(loss, [p_t, a_t] + layer.trainable_variables)
-        for t in [out_p, out_a] + grads:
-            assert np.all(np.isfinite(t.numpy()))
-
-
-@pytest.mark.parametrize("child_map", [None, paper_routing.ChildMap(5, 5, 3, 2)])
-def test_unnormalised_gradients_match_finite_differences(child_map):
-    rng = np.random.default_rng(8)
-    if child_map is None:
-        votes = rng.normal(size=(2, 1, 7, 3, 16))
-        acts = rng.uniform(0.2, 1.0, size=(2, 1, 7))
-    else:
-        votes = rng.normal(size=(1, 4, 9 * 2, 3, 16))
-        acts = rng.uniform(0.2, 1.0, size=(1, 4, 18))
-    bv, ba = rng.normal(size=3), rng.normal(size=3)
-    weights = rng.normal(size=(votes.shape[1], 3))
-
-    def loss_of(v, a, beta_v, beta_a):
-        p, act = paper_routing.em_routing_paper(v, a, beta_v, beta_a, 2, child_map=child_map,
-                                                variance_floor=1e-3, inverse_temperature=0.3,
-                                                cost="unnormalised")
-        return tf.reduce_sum(act * weights) + 0.1 * tf.reduce_sum(tf.sin(p))
-
-    args = [tf.constant(x, tf.float64) for x in (votes, acts, bv, ba)]
-    with tf.GradientTape() as tape:
-        tape.watch(args)
-        loss = loss_of(*args)
-    grads = tape.gradient(loss, args)
-    delta = 1e-5
-    for k, name in enumerate(("votes", "activations", "beta_v", "beta_a")):
-        d = rng.normal(size=args[k].shape)
-        plus = [x + (delta * d if j == k else 0.0) for j, x in enumerate(args)]
-        minus = [x - (delta * d if j == k else 0.0) for j, x in enumerate(args)]
-        numerical = float(loss_of(*plus) - loss_of(*minus)) / (2 * delta)
-        analytic = float(np.sum(grads[k].numpy() * d))
-        assert abs(numerical) > 1e-6, name
-        assert abs(analytic - numerical) <= 1e-6 * max(1.0, abs(numerical)), (
-            f"d/d {name}: autodiff {analytic!r}, finite differences {numerical!r}")
-
-
 def test_inverse_temperature_ramp():
     ramp = paper_routing.inverse_temperature_ramp
     assert ramp(0.0, 1e-3, 0.1, 1.0) == 1e-3

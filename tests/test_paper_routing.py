@@ -102,11 +102,17 @@ def test_the_reference_fails_without_normalisation_across_positions():
     assert np.max(np.abs(act_shared - act_alone)) > 1e-4
 
 
-def test_parent_with_one_child_and_zero_activations_stay_finite():
+@pytest.mark.parametrize("options", [
+    {},
+    # The paper recipe's M-step: the variance clamped at the floor, not raised by it.
+    {"routing_cost": "unnormalised", "variance_floor": 1e-2, "inverse_temperature": 0.5},
+])
+def test_parent_with_one_child_and_zero_activations_stay_finite(options):
     """Gritzman's collapse: one child per parent (1x1 kernel, one type), and all-zero inputs."""
     rng = np.random.default_rng(5)
     poses, acts = _inputs(rng, 2, 3, 3, 1)
-    layer = layers.ConvCaps(2, kernel_size=1, strides=1, iterations=3, routing="paper")
+    layer = layers.ConvCaps(2, kernel_size=1, strides=1, iterations=3, routing="paper",
+                            **options)
     layer.build([poses.shape, acts.shape])
     _set_weights(layer, rng)
     for a in (acts, np.zeros_like(acts)):
@@ -126,7 +132,12 @@ def test_parent_with_one_child_and_zero_activations_stay_finite():
 
 
 @pytest.mark.parametrize("child_map", [None, paper_routing.ChildMap(5, 5, 3, 2)])
-def test_gradients_match_finite_differences(child_map):
+@pytest.mark.parametrize("iterations,options", [
+    (3, {"final_lambda": 3.0}),
+    # The paper recipe's M-step with the ramp's inverse temperature (one value).
+    (2, {"cost": "unnormalised", "inverse_temperature": 0.3, "variance_floor": 1e-3}),
+])
+def test_gradients_match_finite_differences(child_map, iterations, options):
     """Directional derivatives of a loss (float64, central differences) equal <grad, d>."""
     rng = np.random.default_rng(6)
     if child_map is None:
@@ -139,15 +150,18 @@ def test_gradients_match_finite_differences(child_map):
     ba = rng.normal(size=3)
     weights = rng.normal(size=(votes.shape[1], 3))
 
-    def f(v, a, beta_v, beta_a):
-        p, act = paper_routing.em_routing_paper(v, a, beta_v, beta_a, 3, 3.0, child_map)
-        return float(tf.reduce_sum(act * weights) + 0.1 * tf.reduce_sum(tf.sin(p)))
+    def loss_of(v, a, beta_v, beta_a):
+        p, act = paper_routing.em_routing_paper(v, a, beta_v, beta_a, iterations,
+                                                child_map=child_map, **options)
+        return tf.reduce_sum(act * weights) + 0.1 * tf.reduce_sum(tf.sin(p))
+
+    def f(*args):
+        return float(loss_of(*args))
 
     args = [tf.constant(x, tf.float64) for x in (votes, acts, bv, ba)]
     with tf.GradientTape() as tape:
         tape.watch(args)
-        p, act = paper_routing.em_routing_paper(*args, 3, 3.0, child_map)
-        loss = tf.reduce_sum(act * weights) + 0.1 * tf.reduce_sum(tf.sin(p))
+        loss = loss_of(*args)
     grads = tape.gradient(loss, args)
     delta = 1e-5
     for k, name in enumerate(("votes", "activations", "beta_v", "beta_a")):
