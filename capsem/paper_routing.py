@@ -477,10 +477,10 @@ def route(votes, i_activations, beta_v, beta_a, iterations, final_lambda=FINAL_L
     inside a tf.function each layer's routing is one XLA-compiled function,
     and eagerly or where XLA is off (`compiled(False)`, or inside a function
     compiled as a whole) it runs as plain TensorFlow ops. All give the numbers
-    of `em_routing_paper` to float32 rounding, and its gradient. With an
-    `inverse_temperature` (`--lambda_schedule=ramp`) and `cost="unnormalised"`
-    the routing runs
-    in the native ops too: they take it as an input, read at every step.
+    of `em_routing_paper` to float32 rounding, and its gradient. The native
+    ops cover `cost="unnormalised"` and an `inverse_temperature`
+    (`--lambda_schedule=ramp`) too: they take the latter as an input, read at
+    every call.
 
     Args and returns: as `em_routing_paper` (without `return_assignments`).
     """
