@@ -139,6 +139,12 @@ flags.DEFINE_float("learning_rate", None,
 flags.DEFINE_float("adam_epsilon", 1e-8,
                    "Adam epsilon (TF1's AdamOptimizer default 1e-8, which the article uses; "
                    "Keras' default would be 1e-7).")
+flags.DEFINE_float("weight_decay", 0.0,
+                   "Decoupled weight decay (AdamW): each step multiplies the convolution kernels "
+                   "and the transformation matrices by (1 - weight_decay x learning rate); "
+                   "biases, beta_v, beta_a and batch normalisation are not decayed. 0: none "
+                   "(both recipes). A new value takes effect when a run resumes.",
+                   lower_bound=0)
 flags.DEFINE_float("clip_norm", 4.0,
                    "Clip each variable's gradient separately to this L2 norm, as the article's "
                    "slim train op (clip_gradient_norm=4.0); 0 disables clipping.")
@@ -264,7 +270,7 @@ def config_from_flags(values):
         log_dir=values.log_dir or os.path.join("logs", values.dataset),
         batch_size=values.batch_size, eval_batch_size=values.eval_batch_size,
         A=values.A, B=values.B, C=values.C, D=values.D,
-        adam_epsilon=values.adam_epsilon,
+        adam_epsilon=values.adam_epsilon, weight_decay=values.weight_decay,
         clip_norm=values.clip_norm, epochs=values.epochs, max_steps=values.max_steps,
         seed=values.seed, deterministic=values.deterministic,
         stable_routing=values.stable_routing, micro_batch_size=values.micro_batch_size,

@@ -32,10 +32,37 @@ from capsem.errors import ConfigError
 TF1_ADAM_EPSILON = 1e-8
 
 
-def make_optimizer(learning_rate=1e-3, epsilon=TF1_ADAM_EPSILON):
-    """The article's optimizer: Adam, lr 1e-3, beta1 0.9, beta2 0.999, epsilon 1e-8."""
-    return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999,
-                                 epsilon=epsilon)
+#: Variables that weight decay leaves alone (a regular expression searched in
+#: each variable's name): biases, the routing's beta_v / beta_a and batch
+#: normalisation's scale, offset and statistics. The decayed ones are the
+#: weights that multiply an input: convolution kernels, PrimaryCaps' 1x1
+#: kernels and the capsule layers' transformation matrices.
+NOT_DECAYED = ("bias", "beta", "gamma", "moving_")
+
+
+def make_optimizer(learning_rate=1e-3, epsilon=TF1_ADAM_EPSILON, weight_decay=0.0):
+    """The article's optimizer: Adam, lr 1e-3, beta1 0.9, beta2 0.999, epsilon 1e-8.
+
+    Args:
+      learning_rate: a float or a `keras.optimizers.schedules.LearningRateSchedule`.
+      epsilon: Adam's epsilon.
+      weight_decay: decoupled weight decay (AdamW; Loshchilov & Hutter, "Decoupled
+        Weight Decay Regularization", ICLR 2019), Keras' `weight_decay`: each step
+        multiplies the weights that `NOT_DECAYED` does not name by
+        `1 - weight_decay * learning_rate`. 0 (the article, the paper, the
+        default): no decay, and not even the multiplication by 1.
+
+    Raises:
+      ConfigError: `weight_decay` is negative or not finite.
+    """
+    if not 0 <= weight_decay < float("inf"):
+        raise ConfigError(f"weight_decay must be a finite number >= 0 (0: none), got "
+                          f"{weight_decay!r}")
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate, beta_1=0.9, beta_2=0.999,
+                                      epsilon=epsilon, weight_decay=weight_decay or None)
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=list(NOT_DECAYED))
+    return optimizer
 
 
 #: The gradient micro-batch size used with the paper's routing by default where

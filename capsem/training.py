@@ -56,7 +56,8 @@ COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_
 
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
-OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_steps")
+OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_steps",
+                  "weight_decay")
 
 #: The fields `evaluate` takes from the log_dir's config.json unless they are
 #: given explicitly: what builds the network and its evaluation margin.
@@ -129,6 +130,8 @@ class TrainConfig:
         conv_caps1 and conv_caps2.
       learning_rate: Adam learning rate.
       adam_epsilon: Adam epsilon (TF1's AdamOptimizer: 1e-8).
+      weight_decay: decoupled weight decay of the kernels and transformation
+        matrices (`capsem.step.make_optimizer`); 0: none (both recipes).
       clip_norm: per-variable gradient clipping norm (0 disables).
       epochs: stop after this many epochs (0: no limit).
       max_steps: stop at this global step (0: no limit).
@@ -220,6 +223,7 @@ class TrainConfig:
     D: int = 32
     learning_rate: float = 1e-3
     adam_epsilon: float = step_lib.TF1_ADAM_EPSILON
+    weight_decay: float = 0.0
     clip_norm: float = 4.0
     epochs: int = 10
     max_steps: int = 0
@@ -312,7 +316,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("clip_norm", "summary_secs", "histogram_secs", "checkpoint_secs",
-                     "log_every_secs"):
+                     "log_every_secs", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.log_dir:
@@ -1208,7 +1212,8 @@ class _Trainer:
                              config.learning_rate, config.lr_decay_rate, rate.decay_steps,
                              f" ({float(rate(self.total_steps)):.3g} at step "
                              f"{self.total_steps}, the run's last)" if self.total_steps else "")
-            self.optimizer = step_lib.make_optimizer(rate, config.adam_epsilon)
+            self.optimizer = step_lib.make_optimizer(rate, config.adam_epsilon,
+                                                     config.weight_decay)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                            name="global_step")
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
@@ -1306,8 +1311,8 @@ class _Trainer:
 
         The restore brings back the learning rate variable of the run that
         saved the checkpoint; a new `--learning_rate` replaces it here (a
-        decaying rate is a schedule object of this run, Adam's epsilon a
-        Python number: both are this run's already).
+        decaying rate is a schedule object of this run, Adam's epsilon and the
+        weight decay Python numbers: all are this run's already).
         """
         if self.config.lr_decay_rate != 1.0:
             return

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from capsem import datasets, losses, recipes, training
+from capsem import datasets, losses, nets, recipes, step, training
 from capsem.errors import ConfigError
 from mnist_fixtures import IDX_NAMES, make_tiny_tfrecords, write_idx
 from test_training import read_events, tiny_config
@@ -88,6 +88,33 @@ def test_training_decays_the_rate_over_the_run_it_is_given(tmp_path):
                                [1e-3 * 0.1 ** (s / 9) for s in (7, 9)], rtol=1e-5)
 
 
+@pytest.mark.parametrize("routing", ["article", "paper"])
+def test_weight_decay_shrinks_the_kernels_and_transforms_only(routing):
+    # With zero gradients Adam's step is 0, so one step is the decay alone: every kernel
+    # and transformation matrix times (1 - 0.5 * 0.1), the rest unchanged.
+    model = nets.capsules_net(A=4, B=2, C=2, D=2, routing=routing)
+    optimizer = step.make_optimizer(0.1, weight_decay=0.5)
+    variables = model.trainable_variables
+    before = [v.numpy() for v in variables]
+    optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+    decayed = set()
+    for v, old in zip(variables, before):
+        if np.array_equal(v.numpy(), old):
+            continue
+        np.testing.assert_allclose(v.numpy(), old * np.float32(0.95), rtol=1e-6, err_msg=v.path)
+        decayed.add(v.path)
+    assert decayed == {"relu_conv1/kernel", "primary_caps/pose_weights",
+                       "primary_caps/activation_weights", "conv_caps1/w", "conv_caps2/w",
+                       "class_capsules/w"}
+    # 0 (the default): Keras' Adam without weight decay, as the article's.
+    assert step.make_optimizer(0.1).weight_decay is None
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="weight_decay must be a finite number >= 0"):
+            step.make_optimizer(0.1, weight_decay=bad)
+    with pytest.raises(ConfigError, match="weight_decay must be >= 0, got -1"):
+        training.TrainConfig(weight_decay=-1).validate()
+
+
 def test_random_shift_moves_the_digit_and_keeps_the_background():
     image = np.zeros((28, 28, 1), np.uint8)
     image[10:14, 12:16] = 255
@@ -165,7 +192,6 @@ def test_a_checkpoint_of_one_routing_is_not_resumed_with_the_other(tmp_path):
 def test_conv1_batch_norm():
     """--conv1_batch_norm: conv (no bias) -> batch norm -> ReLU; training updates the moving
     statistics, inference uses them (an image's output does not depend on its batch)."""
-    from capsem import nets, step
 
     with pytest.raises(ValueError, match="conv1_batch_norm must be True or False"):
         nets.capsules_net(A=8, B=4, C=4, D=4, conv1_batch_norm=1)

@@ -147,10 +147,10 @@ def _config_json(log_dir):
         return json.load(f)
 
 
-def test_a_new_learning_rate_takes_effect_on_resume(trained, tmp_path):
+def test_a_new_learning_rate_and_weight_decay_take_effect_on_resume(trained, tmp_path):
     dataset_dir, log_dir = _copy(trained, tmp_path)
     training.train(tiny_config(tmp_path, dataset_dir, max_steps=8, learning_rate=1e-4,
-                               eval_every_epoch=False))
+                               weight_decay=0.01, eval_every_epoch=False))
     state = tf.train.load_checkpoint(tf.train.latest_checkpoint(log_dir))
     assert state.get_tensor("optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE") == \
         np.float32(1e-4)
@@ -158,9 +158,11 @@ def test_a_new_learning_rate_takes_effect_on_resume(trained, tmp_path):
     assert float(rates[6]) == pytest.approx(1e-3) and float(rates[7]) == pytest.approx(1e-4)
     assert float(rates[8]) == pytest.approx(1e-4)
     saved = _config_json(log_dir)
-    assert saved["learning_rate"] == 1e-4
+    assert saved["learning_rate"] == 1e-4 and saved["weight_decay"] == 0.01
     assert saved["changes"] == [{"step": 6, "setting": "learning_rate", "saved": 0.001,
-                                 "new": 0.0001}]
+                                 "new": 0.0001},
+                                {"step": 6, "setting": "weight_decay", "saved": 0.0,
+                                 "new": 0.01}]
     # A constant rate cannot become a decaying one (the optimizer state differs).
     with pytest.raises(ConfigError, match=r"lr_decay_rate=1\.0, this run asks for 0\.5"):
         training.train(tiny_config(tmp_path, dataset_dir, max_steps=9, lr_decay_rate=0.5,
