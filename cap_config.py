@@ -47,7 +47,8 @@ flags.DEFINE_enum(
     "--lambda_growth, --routing_cost, --variance_floor, --assignment_gradient, --batch_size, "
     "--transform_stddev, --margin_schedule, "
     "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
-    "--random_shift, --conv1_batch_norm and --conv1_padding wherever these are not given; config.json records the values used.")
+    "--lr_decay_max_epochs, --weight_decay, --random_shift, --conv1_batch_norm and "
+    "--conv1_padding wherever these are not given; config.json records the values used.")
 flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
     "EM routing: 'article' (the article's code: independent routing per position, cost "
@@ -110,9 +111,13 @@ flags.DEFINE_integer("lr_decay_steps", None,
                      "See --lr_decay_rate; 0: the whole run (the rate reaches --learning_rate x "
                      "--lr_decay_rate at the last step of --epochs or --max_steps). Default: "
                      "the recipe's (article 20000, paper 0).", lower_bound=0)
+flags.DEFINE_float("lr_decay_max_epochs", None,
+                   "With --lr_decay_steps=0: the decay spans the run, but at most this many "
+                   "epochs (the rate goes on decaying at the same pace after them); 0: no "
+                   "limit. Default: the recipe's (article 0, paper 6).", lower_bound=0)
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
-                     "(0: none). Default: the recipe's (0).", lower_bound=0)
+                     "(0: none). Default: the recipe's (article 0, paper 2).", lower_bound=0)
 
 # --- training --------------------------------------------------------------
 flags.DEFINE_integer("batch_size", None,
@@ -139,12 +144,12 @@ flags.DEFINE_float("learning_rate", None,
 flags.DEFINE_float("adam_epsilon", 1e-8,
                    "Adam epsilon (TF1's AdamOptimizer default 1e-8, which the article uses; "
                    "Keras' default would be 1e-7).")
-flags.DEFINE_float("weight_decay", 0.0,
+flags.DEFINE_float("weight_decay", None,
                    "Decoupled weight decay (AdamW): each step multiplies the convolution kernels "
                    "and the transformation matrices by (1 - weight_decay x learning rate); "
-                   "biases, beta_v, beta_a and batch normalisation are not decayed. 0: none "
-                   "(both recipes). A new value takes effect when a run resumes.",
-                   lower_bound=0)
+                   "biases, beta_v, beta_a and batch normalisation are not decayed. 0: none. "
+                   "A new value takes effect when a run resumes. Default: the recipe's "
+                   "(article 0, paper 5e-3).", lower_bound=0)
 flags.DEFINE_float("clip_norm", 4.0,
                    "Clip each variable's gradient separately to this L2 norm, as the article's "
                    "slim train op (clip_gradient_norm=4.0); 0 disables clipping.")
@@ -260,6 +265,7 @@ def config_from_flags(values):
         assignment_gradient=values.assignment_gradient, margin_schedule=values.margin_schedule,
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
+        lr_decay_max_epochs=values.lr_decay_max_epochs, weight_decay=values.weight_decay,
         random_shift=values.random_shift, conv1_batch_norm=values.conv1_batch_norm,
         conv1_padding=values.conv1_padding,
         model=values.model, dataset=values.dataset, data_source=data_source,
@@ -270,7 +276,7 @@ def config_from_flags(values):
         log_dir=values.log_dir or os.path.join("logs", values.dataset),
         batch_size=values.batch_size, eval_batch_size=values.eval_batch_size,
         A=values.A, B=values.B, C=values.C, D=values.D,
-        adam_epsilon=values.adam_epsilon, weight_decay=values.weight_decay,
+        adam_epsilon=values.adam_epsilon,
         clip_norm=values.clip_norm, epochs=values.epochs, max_steps=values.max_steps,
         seed=values.seed, deterministic=values.deterministic,
         stable_routing=values.stable_routing, micro_batch_size=values.micro_batch_size,

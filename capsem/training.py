@@ -57,7 +57,7 @@ COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
 OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_steps",
-                  "weight_decay")
+                  "lr_decay_max_epochs", "weight_decay")
 
 #: The fields `evaluate` takes from the log_dir's config.json unless they are
 #: given explicitly: what builds the network and its evaluation margin.
@@ -173,7 +173,10 @@ class TrainConfig:
         `lr_decay_steps` optimizer steps, smoothly (1.0: constant).
       lr_decay_steps: see `lr_decay_rate`; 0: the whole run, i.e. the rate
         reaches `learning_rate * lr_decay_rate` at the run's last step
-        (`epochs` x steps per epoch, or `max_steps` if sooner).
+        (`epochs` x steps per epoch, or `max_steps` if sooner), or after
+        `lr_decay_max_epochs` epochs if that is sooner.
+      lr_decay_max_epochs: with `lr_decay_steps` 0, the longest decay span in
+        epochs (the rate goes on decaying at the same pace after it); 0: none.
       random_shift: training images are shifted by up to this many pixels in
         each direction (zero padding, MNIST-like datasets; 0: none).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default, or
@@ -246,6 +249,7 @@ class TrainConfig:
     margin_ramp_epochs: float = 7.0
     lr_decay_rate: float = 1.0
     lr_decay_steps: int = 20000
+    lr_decay_max_epochs: float = 0.0
     random_shift: int = 0
     micro_batch_size: int = None
     jit_compile: bool = True
@@ -316,7 +320,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("clip_norm", "summary_secs", "histogram_secs", "checkpoint_secs",
-                     "log_every_secs", "weight_decay"):
+                     "log_every_secs", "weight_decay", "lr_decay_max_epochs"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.log_dir:
@@ -365,10 +369,10 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.lr_decay_steps == 0 and self.lr_decay_rate != 1.0 \
-                and not (self.epochs or self.max_steps):
+                and not (self.epochs or self.max_steps or self.lr_decay_max_epochs):
             raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
-                              "which needs a length: give epochs or max_steps (> 0), or "
-                              "lr_decay_steps >= 1")
+                              "which needs a length: give epochs or max_steps (> 0), "
+                              "lr_decay_max_epochs > 0, or lr_decay_steps >= 1")
 
     @classmethod
     def from_recipe(cls, recipe="article", **kwargs):
@@ -378,7 +382,8 @@ class TrainConfig:
         recipe's value); the others are passed on as they are.
         """
         decided = {k: kwargs.pop(k) for k in list(kwargs) if k in recipes.ARTICLE}
-        return cls(recipe=recipe, **kwargs, **recipes.resolve(recipe, decided))
+        return cls(recipe=recipe, **kwargs,
+                   **recipes.resolve(recipe, decided, kwargs.get("dataset")))
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -663,25 +668,31 @@ def inverse_temperature_function(config, num_train):
         step * per_step, config.lambda_start, config.lambda_growth, config.final_lambda)
 
 
-def learning_rate(config, total_steps=0):
+def learning_rate(config, total_steps=0, steps_per_epoch=0):
     """The learning rate (a schedule when `config.lr_decay_rate` < 1) of a config.
 
     Args:
       config: a `TrainConfig`.
-      total_steps: the run's last step; the decay's length where
-        `config.lr_decay_steps` is 0 (it must then be > 0).
+      total_steps: the run's last step; the decay's span where
+        `config.lr_decay_steps` is 0.
+      steps_per_epoch: optimizer steps per epoch; with `config.lr_decay_steps`
+        0, the decay spans at most `config.lr_decay_max_epochs` of them.
 
     Raises:
-      ConfigError: `lr_decay_steps` is 0 and `total_steps` is not > 0.
+      ConfigError: `lr_decay_steps` is 0 and neither `total_steps` nor the
+        `lr_decay_max_epochs` span is > 0.
     """
     if config.lr_decay_rate == 1.0:
         return config.learning_rate
     decay_steps = config.lr_decay_steps
     if decay_steps == 0:
-        if not total_steps > 0:
+        # The paper recipe's span (capsem.recipes.PAPER): the run, up to 6 epochs.
+        longest = round(config.lr_decay_max_epochs * steps_per_epoch)
+        spans = [n for n in (total_steps, longest) if n > 0]
+        if not spans:
             raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
                               "which has no last step here: give epochs or max_steps")
-        decay_steps = total_steps
+        decay_steps = min(spans)
     # IBM's implementation: tf.train.exponential_decay, not staircased.
     return keras.optimizers.schedules.ExponentialDecay(
         config.learning_rate, decay_steps, config.lr_decay_rate)
@@ -1206,7 +1217,7 @@ class _Trainer:
             # The issue's "parameter count printed at start" (paper Sec. 5 compares them).
             logging.info("Model %s (%s): %s parameters", config.model, self.model.name,
                          f"{self.model.count_params():,}")
-            rate = learning_rate(config, self.total_steps)
+            rate = learning_rate(config, self.total_steps, self.steps_per_epoch)
             if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
                 logging.info("Learning rate %g, multiplied by %g every %d steps%s",
                              config.learning_rate, config.lr_decay_rate, rate.decay_steps,

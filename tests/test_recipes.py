@@ -21,6 +21,18 @@ def test_article_recipe_is_the_default_and_keeps_the_article_values():
     assert training.TrainConfig.from_recipe("article") == config
 
 
+def test_paper_recipe_shifts_mnist_only():
+    for dataset, shift in (("mnist", 2), ("fashion_mnist", 2), ("smallnorb", 0)):
+        config = training.TrainConfig.from_recipe("paper", dataset=dataset)
+        assert config.random_shift == shift, dataset
+    # Given, a shift is kept (and refused by smallNORB's pipeline); the article never shifts.
+    assert training.TrainConfig.from_recipe("paper", dataset="smallnorb",
+                                            random_shift=1).random_shift == 1
+    assert training.TrainConfig.from_recipe("article", dataset="mnist").random_shift == 0
+    paper = training.TrainConfig.from_recipe("paper")
+    assert (paper.weight_decay, paper.lr_decay_max_epochs) == (5e-3, 6.0)
+
+
 def test_paper_recipe_fills_in_only_what_is_not_given():
     config = training.TrainConfig.from_recipe("paper", learning_rate=None, final_lambda=2.5,
                                               batch_size=8)
@@ -67,25 +79,38 @@ def test_learning_rate_decay_over_the_whole_run():
     with pytest.raises(ConfigError, match="needs a length: give epochs or max_steps"):
         training.TrainConfig(lr_decay_rate=0.1, lr_decay_steps=0, epochs=0).validate()
     training.TrainConfig(lr_decay_rate=1.0, lr_decay_steps=0, epochs=0).validate()
+    # lr_decay_max_epochs: the span is the run's, but at most that many epochs.
+    capped = training.TrainConfig(learning_rate=4e-3, lr_decay_rate=0.1, lr_decay_steps=0,
+                                  lr_decay_max_epochs=1.5, epochs=0)
+    capped.validate()  # the cap gives the decay a length
+    for total, span in ((2500, 1500), (1000, 1000), (0, 1500)):
+        schedule = training.learning_rate(capped, total_steps=total, steps_per_epoch=1000)
+        np.testing.assert_allclose([float(schedule(span)), float(schedule(2 * span))],
+                                   [4e-4, 4e-5], rtol=1e-6)
+    with pytest.raises(ConfigError, match="lr_decay_max_epochs must be >= 0, got -1"):
+        training.TrainConfig(lr_decay_max_epochs=-1).validate()
     with pytest.raises(ConfigError, match="lr_decay_steps must be an integer >= 0, got -1"):
         training.TrainConfig(lr_decay_steps=-1).validate()
 
 
-def test_training_decays_the_rate_over_the_run_it_is_given(tmp_path):
+@pytest.mark.parametrize("max_epochs, spans", [(0, (6, 9)), (1, (3, 3))])
+def test_training_decays_the_rate_over_the_run_it_is_given(tmp_path, max_epochs, spans):
     _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
-    # 12 images, batch 4: 3 steps per epoch, 2 epochs: the rate is 1e-3 * 0.1^(s/6).
-    training.train(tiny_config(tmp_path, dataset_dir, lr_decay_rate=0.1, lr_decay_steps=0,
-                               eval_every_epoch=False))
+    # 12 images, batch 4: 3 steps per epoch, 2 epochs: the rate is 1e-3 * 0.1^(s/6), or
+    # with lr_decay_max_epochs=1 1e-3 * 0.1^(s/3).
+    decay = dict(lr_decay_rate=0.1, lr_decay_steps=0, lr_decay_max_epochs=max_epochs,
+                 eval_every_epoch=False)
+    training.train(tiny_config(tmp_path, dataset_dir, **decay))
     rates = dict(read_events(str(tmp_path / "logs"))["train/learning_rate"])
     assert sorted(rates) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([float(rates[s]) for s in (1, 3, 6)],
-                               [1e-3 * 0.1 ** (s / 6) for s in (1, 3, 6)], rtol=1e-5)
-    # Resumed with a third epoch, the decay stretches over the 9 steps of the longer run.
-    training.train(tiny_config(tmp_path, dataset_dir, lr_decay_rate=0.1, lr_decay_steps=0,
-                               epochs=3, eval_every_epoch=False))
+                               [1e-3 * 0.1 ** (s / spans[0]) for s in (1, 3, 6)], rtol=1e-5)
+    # Resumed with a third epoch, the decay stretches over the 9 steps of the longer run
+    # (up to the cap).
+    training.train(tiny_config(tmp_path, dataset_dir, epochs=3, **decay))
     rates = dict(read_events(str(tmp_path / "logs"))["train/learning_rate"])
     np.testing.assert_allclose([float(rates[s]) for s in (7, 9)],
-                               [1e-3 * 0.1 ** (s / 9) for s in (7, 9)], rtol=1e-5)
+                               [1e-3 * 0.1 ** (s / spans[1]) for s in (7, 9)], rtol=1e-5)
 
 
 @pytest.mark.parametrize("routing", ["article", "paper"])
