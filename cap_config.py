@@ -47,7 +47,8 @@ flags.DEFINE_enum(
     "--lambda_growth, --routing_cost, --variance_floor, --assignment_gradient, --batch_size, "
     "--transform_stddev, --margin_schedule, "
     "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
-    "--lr_decay_max_epochs, --weight_decay, --random_shift, --conv1_batch_norm and "
+    "--lr_decay_max_epochs, --weight_decay, --random_shift, --random_shift_after_epochs, "
+    "--conv1_batch_norm and "
     "--conv1_padding wherever these are not given; config.json records the values used.")
 flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
@@ -118,6 +119,10 @@ flags.DEFINE_float("lr_decay_max_epochs", None,
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
                      "(0: none). Default: the recipe's (article 0, paper 2).", lower_bound=0)
+flags.DEFINE_integer("random_shift_after_epochs", None,
+                     "With --random_shift: the first this many epochs train on the images as "
+                     "they are, the shifts start after them (0: from the first step). Default: "
+                     "the recipe's (article 0, paper 1).", lower_bound=0)
 
 # --- training --------------------------------------------------------------
 flags.DEFINE_integer("batch_size", None,
@@ -266,7 +271,9 @@ def config_from_flags(values):
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
         lr_decay_max_epochs=values.lr_decay_max_epochs, weight_decay=values.weight_decay,
-        random_shift=values.random_shift, conv1_batch_norm=values.conv1_batch_norm,
+        random_shift=values.random_shift,
+        random_shift_after_epochs=values.random_shift_after_epochs,
+        conv1_batch_norm=values.conv1_batch_norm,
         conv1_padding=values.conv1_padding,
         model=values.model, dataset=values.dataset, data_source=data_source,
         dataset_dir=dataset_dir, smallnorb_split=values.smallnorb_split,

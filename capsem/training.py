@@ -51,7 +51,7 @@ ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm",
 COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_lambda",
                     "variance_floor", "assignment_gradient", "transform_stddev", "batch_size",
                     "seed", "clip_norm", "margin_schedule", "margin_ramp_epochs",
-                    "random_shift", "data_source", "smallnorb_split", "lambda_start",
+                    "random_shift", "random_shift_after_epochs", "data_source", "smallnorb_split", "lambda_start",
                     "lambda_growth", "routing_cost")
 
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
@@ -179,6 +179,8 @@ class TrainConfig:
         epochs (the rate goes on decaying at the same pace after it); 0: none.
       random_shift: training images are shifted by up to this many pixels in
         each direction (zero padding, MNIST-like datasets; 0: none).
+      random_shift_after_epochs: the first this many epochs train on the
+        images as they are, the shifts start after them (0: from the start).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default, or
         `capsem.step.default_micro_batch_size` of the routing).
       jit_compile: compile the training and evaluation steps (see
@@ -251,6 +253,7 @@ class TrainConfig:
     lr_decay_steps: int = 20000
     lr_decay_max_epochs: float = 0.0
     random_shift: int = 0
+    random_shift_after_epochs: int = 0
     micro_batch_size: int = None
     jit_compile: bool = True
     routing_kernels: str = "auto"
@@ -364,7 +367,8 @@ class TrainConfig:
         if not isinstance(self.conv1_batch_norm, bool):
             raise ConfigError(f"conv1_batch_norm must be True or False, "
                               f"got {self.conv1_batch_norm!r}")
-        for name, low in (("lr_decay_steps", 0), ("random_shift", 0)):
+        for name, low in (("lr_decay_steps", 0), ("random_shift", 0),
+                          ("random_shift_after_epochs", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -1344,13 +1348,19 @@ class _Trainer:
             logging.info("Saved checkpoint %s (%s)", path, reason)
         return path
 
+    def shift_of_epoch(self, epoch):
+        """The random shift of the training images of (0-based) `epoch`."""
+        if epoch < self.config.random_shift_after_epochs:
+            return 0
+        return self.config.random_shift
+
     def train_dataset(self, epoch, skip):
         ds = datasets.make_dataset(self.config.dataset, "train",
                                    dataset_dir=self.config.dataset_dir,
                                    data_source=self.config.data_source,
                                    batch_size=self.config.batch_size, training=True,
                                    seed=self.config.seed + epoch,
-                                   random_shift=self.config.random_shift,
+                                   random_shift=self.shift_of_epoch(epoch),
                                    smallnorb_split=self.config.smallnorb_split,
                                    download=self.config.download)
         return ds.skip(skip) if skip else ds

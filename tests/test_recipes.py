@@ -30,7 +30,8 @@ def test_paper_recipe_shifts_mnist_only():
                                             random_shift=1).random_shift == 1
     assert training.TrainConfig.from_recipe("article", dataset="mnist").random_shift == 0
     paper = training.TrainConfig.from_recipe("paper")
-    assert (paper.weight_decay, paper.lr_decay_max_epochs) == (5e-3, 6.0)
+    assert (paper.weight_decay, paper.lr_decay_max_epochs,
+            paper.random_shift_after_epochs) == (5e-3, 6.0, 1)
 
 
 def test_paper_recipe_fills_in_only_what_is_not_given():
@@ -156,6 +157,27 @@ def test_random_shift_moves_the_digit_and_keeps_the_background():
     same = datasets.random_shift_image(tf.constant(image), 2, tf.constant([3, 1], tf.int64))
     again = datasets.random_shift_image(tf.constant(image), 2, tf.constant([3, 1], tf.int64))
     assert np.array_equal(same.numpy(), again.numpy())
+
+
+def test_shifts_start_after_the_epochs_the_config_gives(tmp_path):
+    _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
+    config = tiny_config(tmp_path, dataset_dir, random_shift=2, random_shift_after_epochs=1)
+    trainer = training._Trainer(config, num_train=12)
+
+    def images(ds):
+        return np.concatenate([x.numpy() for x, _ in ds])
+
+    def expected(epoch, shift):
+        return images(datasets.make_dataset(
+            "mnist", "train", dataset_dir=dataset_dir, data_source="tfrecord", batch_size=4,
+            training=True, seed=config.seed + epoch, random_shift=shift))
+
+    first, second = images(trainer.train_dataset(0, 0)), images(trainer.train_dataset(1, 0))
+    np.testing.assert_array_equal(first, expected(0, 0))  # the images as they are
+    np.testing.assert_array_equal(second, expected(1, 2))  # shifted
+    assert not np.array_equal(second, expected(1, 0))
+    with pytest.raises(ConfigError, match="random_shift_after_epochs must be an integer >= 0"):
+        training.TrainConfig(random_shift_after_epochs=-1).validate()
 
 
 def _two_classes(rng, n):
