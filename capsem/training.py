@@ -51,8 +51,8 @@ ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm",
 COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_lambda",
                     "variance_floor", "assignment_gradient", "transform_stddev", "batch_size",
                     "seed", "clip_norm", "margin_schedule", "margin_ramp_epochs",
-                    "random_shift", "random_shift_after_epochs", "data_source", "smallnorb_split", "lambda_start",
-                    "lambda_growth", "routing_cost")
+                    "random_shift", "random_shift_after_epochs", "data_source",
+                    "smallnorb_split", "lambda_start", "lambda_growth", "routing_cost")
 
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
@@ -131,7 +131,7 @@ class TrainConfig:
       learning_rate: Adam learning rate.
       adam_epsilon: Adam epsilon (TF1's AdamOptimizer: 1e-8).
       weight_decay: decoupled weight decay of the kernels and transformation
-        matrices (`capsem.step.make_optimizer`); 0: none (both recipes).
+        matrices (`capsem.step.make_optimizer`); 0: none (the article).
       clip_norm: per-variable gradient clipping norm (0 disables).
       epochs: stop after this many epochs (0: no limit).
       max_steps: stop at this global step (0: no limit).
