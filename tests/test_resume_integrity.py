@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from capsem import datasets, training
+from capsem import step as step_lib
 from capsem.errors import CheckpointError, ConfigError, DataError
 from mnist_fixtures import make_tiny_tfrecords
 from test_reliability import _start_train, _wait_for_checkpoint, _checkpoint_step
@@ -147,10 +148,15 @@ def _config_json(log_dir):
         return json.load(f)
 
 
-def test_a_new_learning_rate_and_weight_decay_take_effect_on_resume(trained, tmp_path):
+def test_a_new_learning_rate_and_weight_decay_take_effect_on_resume(trained, tmp_path,
+                                                                   monkeypatch):
     dataset_dir, log_dir = _copy(trained, tmp_path)
+    built = []  # the optimizers the resumed run trains with
+    make = step_lib.make_optimizer
+    monkeypatch.setattr(step_lib, "make_optimizer", lambda *a: built.append(make(*a)) or built[-1])
     training.train(tiny_config(tmp_path, dataset_dir, max_steps=8, learning_rate=1e-4,
                                weight_decay=0.01, eval_every_epoch=False))
+    assert len(built) == 1 and built[0].weight_decay == pytest.approx(0.01)
     state = tf.train.load_checkpoint(tf.train.latest_checkpoint(log_dir))
     assert state.get_tensor("optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE") == \
         np.float32(1e-4)
