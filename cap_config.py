@@ -155,6 +155,13 @@ flags.DEFINE_float("weight_decay", None,
                    "biases, beta_v, beta_a and batch normalisation are not decayed. 0: none. "
                    "A new value takes effect when a run resumes. Default: the recipe's "
                    "(article 0, paper 5e-3).", lower_bound=0)
+flags.DEFINE_float("ema_momentum", 0.0,
+                   "0 (default): none. In (0, 1): the run also keeps an exponential moving "
+                   "average of the weights (Polyak averaging; horizon about 1 / (1 - "
+                   "ema_momentum) steps), saved in the checkpoints; the evaluations, "
+                   "--mode=eval (give --ema_momentum=0 there for the trained weights), "
+                   "export.py, predict.py, visualize.py and attack.py use the average. A run "
+                   "cannot switch it on or off when it resumes.", lower_bound=0)
 flags.DEFINE_float("clip_norm", 4.0,
                    "Clip each variable's gradient separately to this L2 norm, as the article's "
                    "slim train op (clip_gradient_norm=4.0); 0 disables clipping.")
@@ -271,6 +278,7 @@ def config_from_flags(values):
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
         lr_decay_max_epochs=values.lr_decay_max_epochs, weight_decay=values.weight_decay,
+        ema_momentum=values.ema_momentum,
         random_shift=values.random_shift,
         random_shift_after_epochs=values.random_shift_after_epochs,
         conv1_batch_norm=values.conv1_batch_norm,

@@ -65,6 +65,54 @@ def make_optimizer(learning_rate=1e-3, epsilon=TF1_ADAM_EPSILON, weight_decay=0.
     return optimizer
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging).
+
+    `averaged` is a second instance of the network (built with the same
+    settings); after each applied step, `update` sets its trainable weights to
+    `momentum * average + (1 - momentum) * weight` and copies the others (the
+    inverse temperatures of `--lambda_schedule=ramp`, batch normalisation's
+    statistics) as they are. Skipped steps leave it alone. Polyak & Juditsky
+    (1992); Keras' `use_ema` does the same inside the optimizer, where it cannot
+    be checkpointed apart from the optimizer's other variables.
+
+    Args:
+      model: the trained network.
+      averaged: a network built as `model` (same variables, in the same order).
+      momentum: in [0, 1); the horizon is about `1 / (1 - momentum)` steps.
+
+    Raises:
+      ValueError: a momentum outside [0, 1), or networks whose variables differ.
+    """
+
+    def __init__(self, model, averaged, momentum):
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        pairs = list(zip(model.weights, averaged.weights))
+        if len(model.weights) != len(averaged.weights) or any(
+                a.shape != b.shape or a.trainable != b.trainable for a, b in pairs):
+            raise ValueError("the averaged network must be built as the trained one (the same "
+                             "variables in the same order)")
+        self.model = model
+        self.averaged = averaged
+        self.momentum = float(momentum)
+        self._pairs = pairs
+
+    def copy_from_model(self):
+        """Starts the average at the model's current weights (a new run)."""
+        for weight, average in self._pairs:
+            average.assign(weight.value)
+
+    def update(self):
+        """One step of the average (tensor ops: runs inside the compiled step)."""
+        m = self.momentum
+        for weight, average in self._pairs:
+            if weight.trainable:
+                average.assign(m * average.value + (1.0 - m) * weight.value)
+            else:
+                average.assign(weight.value)
+
+
 #: The gradient micro-batch size used with the paper's routing by default where
 #: it runs in the XLA kernels: there its votes are materialised
 #: (capsem.paper_routing.route), and one example at a time they stay in the CPU
@@ -143,6 +191,8 @@ class TrainStep:
         (`capsem.nets.inverse_temperature_weights`) are assigned its value at
         the step about to run (`--lambda_schedule=ramp`), so the value follows
         `global_step` through resumes.
+      weight_average: None, or a `WeightAverage` of `model`, updated after
+        each applied step (not with a strategy).
 
     Calling the step with `(images (N, H, W, C) float32, labels (N,) int)`
     returns a dict of scalar tensors: `loss` (summed over the batch, the
@@ -158,7 +208,7 @@ class TrainStep:
     def __init__(self, model, optimizer, iterations_per_epoch, clip_norm=4.0,
                  micro_batch_size=None, jit_compile=True, global_step=None,
                  routing_kernels="auto", margin_fn=None, strategy=None, loss_fn=None,
-                 inverse_temperature_fn=None):
+                 inverse_temperature_fn=None, weight_average=None):
         if micro_batch_size is not None and (not isinstance(micro_batch_size, int)
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be a positive int or None, "
@@ -170,6 +220,11 @@ class TrainStep:
             "article", self.iterations_per_epoch)
         self.loss_fn = loss_fn or losses.spread_loss_from_labels
         self.inverse_temperature_fn = inverse_temperature_fn
+        if weight_average is not None and (strategy is not None
+                                           or weight_average.model is not model):
+            raise ValueError("weight_average must average this step's model, without a "
+                             "strategy")
+        self.weight_average = weight_average
         self.inverse_temperatures = nets.inverse_temperature_weights(model)
         if inverse_temperature_fn is not None and not self.inverse_temperatures:
             raise ValueError("inverse_temperature_fn needs a model with inverse_temperature "
@@ -227,6 +282,8 @@ class TrainStep:
 
         def apply():
             self.optimizer.apply(clip_per_variable(grads, self.clip_norm), self.variables)
+            if self.weight_average is not None:
+                self.weight_average.update()
             return tf.constant(True)
 
         tf.cond(finite, apply, lambda: tf.constant(False))

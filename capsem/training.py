@@ -57,14 +57,15 @@ COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
 OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_steps",
-                  "lr_decay_max_epochs", "weight_decay")
+                  "lr_decay_max_epochs", "weight_decay", "ema_momentum")
 
 #: The fields `evaluate` takes from the log_dir's config.json unless they are
 #: given explicitly: what builds the network and its evaluation margin.
 MODEL_KEYS = ARCHITECTURE_KEYS + (
     "recipe", "routing", "iterations", "stable_routing", "final_lambda", "variance_floor",
     "assignment_gradient", "transform_stddev", "batch_size", "margin_schedule",
-    "margin_ramp_epochs", "smallnorb_split", "lambda_start", "lambda_growth", "routing_cost")
+    "margin_ramp_epochs", "smallnorb_split", "lambda_start", "lambda_growth", "routing_cost",
+    "ema_momentum")
 
 #: The fields of `MODEL_KEYS` that change what the routing of a trained network
 #: computes: `evaluate` warns when one is given with another value than the run's.
@@ -132,6 +133,11 @@ class TrainConfig:
       adam_epsilon: Adam epsilon (TF1's AdamOptimizer: 1e-8).
       weight_decay: decoupled weight decay of the kernels and transformation
         matrices (`capsem.step.make_optimizer`); 0: none (the article).
+      ema_momentum: 0 (default): none; in (0, 1): the run also keeps an
+        exponential moving average of the weights (`capsem.step.WeightAverage`,
+        saved in the checkpoints as `averaged_model`), which the evaluations,
+        `--mode=eval` and the tools that load a trained network use (the
+        trained weights are still evaluated and logged beside it).
       clip_norm: per-variable gradient clipping norm (0 disables).
       epochs: stop after this many epochs (0: no limit).
       max_steps: stop at this global step (0: no limit).
@@ -229,6 +235,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     adam_epsilon: float = step_lib.TF1_ADAM_EPSILON
     weight_decay: float = 0.0
+    ema_momentum: float = 0.0
     clip_norm: float = 4.0
     epochs: int = 10
     max_steps: int = 0
@@ -326,6 +333,13 @@ class TrainConfig:
                      "log_every_secs", "weight_decay", "lr_decay_max_epochs"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.ema_momentum < 1:
+            raise ConfigError(f"ema_momentum must be in [0, 1) (0: no average), got "
+                              f"{self.ema_momentum!r}")
+        if self.ema_momentum and self.distribute != "none":
+            raise ConfigError(f"ema_momentum={self.ema_momentum!r} needs distribute='none' "
+                              f"(the average is not kept over replicas), got "
+                              f"{self.distribute!r}")
         if not self.log_dir:
             raise ConfigError("log_dir must be a directory path, got an empty string")
         choices = (("model", MODELS), ("recipe", recipes.RECIPE_NAMES),
@@ -474,6 +488,12 @@ def compare_with_saved_config(config, saved, has_checkpoint):
             f"for {config.lr_decay_rate!r}: a constant and a decaying learning rate keep "
             f"different optimizer state, so a run cannot switch between them; use another "
             f"--log_dir")
+    if bool(saved.get("ema_momentum", 0.0)) != bool(config.ema_momentum):
+        raise ConfigError(
+            f"{where} was trained with ema_momentum={saved.get('ema_momentum', 0.0)!r}, this "
+            f"run asks for {config.ema_momentum!r}: the average of the weights starts with a "
+            f"run, so a run cannot switch it on or off (another value > 0 is taken); use "
+            f"another --log_dir")
     return diffs + _differences(saved, current, OPTIMIZER_KEYS)
 
 
@@ -1072,6 +1092,9 @@ def restore_model(config, checkpoint_path=None):
         `config_for_evaluation`, `load_trained`).
       checkpoint_path: a checkpoint prefix; None: the latest of the log_dir.
 
+    The weights are the run's average (`averaged_model`) where
+    `config.ema_momentum` > 0, else the trained ones.
+
     Returns:
       `(model, global_step, checkpoint_path)`; `global_step` is the step of the
       checkpoint (an int64 variable).
@@ -1081,7 +1104,9 @@ def restore_model(config, checkpoint_path=None):
     """
     model = build_model(config, datasets.get_info(config.dataset))
     global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    checkpoint = tf.train.Checkpoint(model=model, global_step=global_step)
+    # A run with ema_momentum > 0 delivers its average of the weights.
+    weights = "averaged_model" if config.ema_momentum else "model"
+    checkpoint = tf.train.Checkpoint(global_step=global_step, **{weights: model})
     path = checkpoint_path or tf.train.latest_checkpoint(config.log_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint in {config.log_dir}: train first or pass "
@@ -1231,6 +1256,8 @@ class _Trainer:
                                                      config.weight_decay)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                            name="global_step")
+            # --ema_momentum: a second network holds the average of the weights.
+            self.averaged = build_model(config, self.info) if config.ema_momentum else None
             self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
         # "auto": the native kernels where every device of the step is a CPU, else XLA's.
         devices = step_lib.compute_devices(self.strategy)
@@ -1247,6 +1274,11 @@ class _Trainer:
                 config.routing, config.jit_compile, kernels)
         if self.strategy is not None:
             kwargs["strategy"] = self.strategy
+        self.weight_average = None
+        if self.averaged is not None:
+            self.weight_average = step_lib.WeightAverage(self.model, self.averaged,
+                                                         config.ema_momentum)
+            kwargs["weight_average"] = self.weight_average
         self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
                                           clip_norm=config.clip_norm,
                                           jit_compile=config.jit_compile,
@@ -1257,9 +1289,14 @@ class _Trainer:
                                           inverse_temperature_fn=inverse_temperature_function(
                                               config, self.num_train), **kwargs)
         self.eval_fn = step_lib.make_eval_step(self.model, config.jit_compile, kernels)
+        averaged = {}
+        if self.averaged is not None:
+            self.averaged_eval_fn = step_lib.make_eval_step(self.averaged, config.jit_compile,
+                                                            kernels)
+            averaged["averaged_model"] = self.averaged
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               global_step=self.global_step,
-                                              skipped_steps=self.skipped)
+                                              skipped_steps=self.skipped, **averaged)
         if not self.is_chief:
             # Another worker of a multi-worker run saves with the chief (saving may take
             # part in collective operations) but into a directory of its own, deleted at
@@ -1283,6 +1320,8 @@ class _Trainer:
             self._apply_optimizer_settings()
         else:
             logging.info("No checkpoint in %s: starting from scratch", config.log_dir)
+            if self.weight_average is not None:
+                self.weight_average.copy_from_model()
         if config.distribute == "multi_worker":
             self._check_workers_agree()
         if self.is_chief:
@@ -1366,21 +1405,33 @@ class _Trainer:
         return ds.skip(skip) if skip else ds
 
     def evaluate_and_log(self, step):
+        """Tests the run's network: the average of the weights where there is one
+        (`test/accuracy`, `test/loss`; the trained weights then as
+        `test/trained_accuracy`, `test/trained_loss`), else the trained weights."""
         margin = self.margin_fn(step)
-        test_ds = test_dataset(self.config)
-        start = time.time()
-        result = run_evaluation(self.model, self.eval_fn, test_ds, self.info.num_classes, margin,
-                                loss_function(self.config))
-        logging.info("Test at step %d%s: accuracy %.4f, loss %.4f (mean %.5f), %d examples in "
-                     "%.1f s\nconfusion matrix:\n%s", step, describe_test_set(self.config),
-                     result["accuracy"], result["loss"],
-                     result["mean_loss"], result["examples"], time.time() - start,
-                     format_confusion(result["confusion"]))
+        evaluated = [("", self.model, self.eval_fn)]
+        if self.averaged is not None:
+            evaluated = [(" (average of the weights)", self.averaged, self.averaged_eval_fn),
+                         (" (trained weights)", self.model, self.eval_fn)]
+        results = []
+        for which, model, eval_fn in evaluated:
+            start = time.time()
+            result = run_evaluation(model, eval_fn, test_dataset(self.config),
+                                    self.info.num_classes, margin, loss_function(self.config))
+            logging.info("Test at step %d%s%s: accuracy %.4f, loss %.4f (mean %.5f), %d "
+                         "examples in %.1f s\nconfusion matrix:\n%s", step,
+                         describe_test_set(self.config), which, result["accuracy"],
+                         result["loss"], result["mean_loss"], result["examples"],
+                         time.time() - start, format_confusion(result["confusion"]))
+            results.append(result)
         with self.writer.as_default(step=step):
-            tf.summary.scalar("test/accuracy", result["accuracy"])
-            tf.summary.scalar("test/loss", result["mean_loss"])
+            tf.summary.scalar("test/accuracy", results[0]["accuracy"])
+            tf.summary.scalar("test/loss", results[0]["mean_loss"])
+            if len(results) > 1:
+                tf.summary.scalar("test/trained_accuracy", results[1]["accuracy"])
+                tf.summary.scalar("test/trained_loss", results[1]["mean_loss"])
         self.writer.flush()
-        return result
+        return results[0]
 
     def write_histograms(self, images, labels, step):
         """Histograms of the capsules and routing, and pictures of them (`capsem.visualize`)."""
