@@ -160,8 +160,8 @@ flags.DEFINE_float("ema_momentum", 0.0,
                    "average of the weights (Polyak averaging; horizon about 1 / (1 - "
                    "ema_momentum) steps), saved in the checkpoints; the evaluations, "
                    "--mode=eval (give --ema_momentum=0 there for the trained weights), "
-                   "export.py, predict.py, visualize.py and attack.py use the average. A run "
-                   "cannot switch it on or off when it resumes.", lower_bound=0)
+                   "export.py, predict.py, visualize.py, attack.py and viewpoints.py use the "
+                   "average. A run cannot switch it on or off when it resumes.", lower_bound=0)
 flags.DEFINE_float("clip_norm", 4.0,
                    "Clip each variable's gradient separately to this L2 norm, as the article's "
                    "slim train op (clip_gradient_norm=4.0); 0 disables clipping.")

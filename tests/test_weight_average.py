@@ -22,8 +22,10 @@ def test_the_average_follows_each_applied_step_and_skips_a_bad_one():
     model, averaged = nets.capsules_net(**kwargs), nets.capsules_net(**kwargs)
     average = step.WeightAverage(model, averaged, 0.25)
     average.copy_from_model()
+    # An inverse temperature that changes every step, so that its copy is seen.
     train = step.TrainStep(model, step.make_optimizer(0.05), iterations_per_epoch=10,
-                           weight_average=average)
+                           weight_average=average,
+                           inverse_temperature_fn=lambda s: 0.5 + 0.1 * (s + 1))
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 1, (4, 28, 28, 1)).astype(np.float32)
     labels = np.array([0, 1, 2, 3])
@@ -32,6 +34,8 @@ def test_the_average_follows_each_applied_step_and_skips_a_bad_one():
         assert bool(train(images, labels)["finite"])
         seen.append(_values(model))
     trainable = [w.trainable for w in model.weights]
+    assert any(not t and not np.array_equal(a, b)
+               for t, a, b in zip(trainable, seen[0], seen[2]))
     # m (m w0 + (1 - m) w1) + (1 - m) w2 with m = 0.25 for the trained weights; the others
     # (the inverse temperatures) copied.
     for k, (avg, is_trained) in enumerate(zip(_values(averaged), trainable)):
