@@ -267,7 +267,7 @@ def test_kernels_build_with_clang(tmp_path):
 # on fixed problems, 5 times (which must agree); saves every output and prints
 # the CPU time (in clock ticks) of the busiest threads other than the main one.
 _THREADS_SCRIPT = """
-import glob, os, sys
+import glob, os, sys, time
 import numpy as np, tensorflow as tf
 threads, out_path = int(sys.argv[1]), sys.argv[2]
 tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -299,7 +299,10 @@ g_mean, g_act = rng.normal(size=(M, O, 16)), rng.normal(size=(M, O))
 f32 = lambda x: tf.constant(np.asarray(x, np.float32))
 results = {}
 before = cpu_ticks()
-for rep in range(5):
+# At least 5 repetitions and 2 s of CPU time, so that the workers' CPU time is
+# measurable (10 ms ticks) on fast machines too.
+start, rep = time.process_time(), 0
+while rep < 5 or time.process_time() - start < 2.0:
     for name, (src, w, offsets) in sources.items():
         for stable in (False, True):
             inputs = [f32(x) for x in (src, w, offsets, a, beta_v, beta_a)]
@@ -312,6 +315,7 @@ for rep in range(5):
                 if rep and not np.array_equal(value, results[key]):
                     raise SystemExit(f"{key} changed between repetitions")
                 results[key] = value
+    rep += 1
 after = cpu_ticks()
 main = f"/proc/self/task/{os.getpid()}/stat"
 workers = sorted((v - before.get(k, 0) for k, v in after.items() if k != main), reverse=True)

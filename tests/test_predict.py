@@ -105,8 +105,10 @@ def test_predict_py_classifies_files_and_a_folder_and_reports_a_corrupt_file(run
         assert record["class"] == int(order[0])
         assert [c for c, _ in record["top"]] == [int(c) for c in order[:3]]
         np.testing.assert_allclose([a for _, a in record["top"]], row[order[:3]], rtol=1e-5)
-    # The grey PNG holds test image 0 exactly: its activations are the test image's.
-    np.testing.assert_allclose(acts[0], predictor.activations(images[:1])[0], rtol=1e-6)
+    # The grey PNG holds test image 0 exactly: its activations are the test image's,
+    # to float32 rounding: batches of 4 and 1 may take different oneDNN kernels (seen on
+    # an AVX-512 machine: 1.2e-6 apart), hence the tolerance of the top activations above.
+    np.testing.assert_allclose(acts[0], predictor.activations(images[:1])[0], rtol=1e-5)
 
     # Text lines (predict.py without --json), in this process.
     lines, problems = [], []
