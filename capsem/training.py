@@ -1413,11 +1413,14 @@ class _Trainer:
         if self.averaged is not None:
             evaluated = [(" (average of the weights)", self.averaged, self.averaged_eval_fn),
                          (" (trained weights)", self.model, self.eval_fn)]
+        # One test pipeline and loss for every evaluated network (a tf.data dataset
+        # is iterated afresh by each `run_evaluation`).
+        dataset, loss_fn = test_dataset(self.config), loss_function(self.config)
         results = []
         for which, model, eval_fn in evaluated:
             start = time.time()
-            result = run_evaluation(model, eval_fn, test_dataset(self.config),
-                                    self.info.num_classes, margin, loss_function(self.config))
+            result = run_evaluation(model, eval_fn, dataset, self.info.num_classes, margin,
+                                    loss_fn)
             logging.info("Test at step %d%s%s: accuracy %.4f, loss %.4f (mean %.5f), %d "
                          "examples in %.1f s\nconfusion matrix:\n%s", step,
                          describe_test_set(self.config), which, result["accuracy"],
