@@ -5,7 +5,10 @@
 prints, for every run, its test accuracy after each evaluation (with the
 epoch, the step and the wall time since the run's first event) and, with
 `--plot`, writes a PNG of the test accuracy and the training loss against the
-step, one curve per run. The numbers in docs/results.md are made this way.
+step, one curve per run; with `--activity`, how many capsules of each layer
+are off (activation below 0.05) or on (above 0.95) in the run's activation
+histograms (`capsem.diagnostics`, written every `--histogram_secs` on 4
+training images). The numbers in docs/results.md are made this way.
 """
 
 import argparse
@@ -19,6 +22,13 @@ import numpy as np
 #: Scalars read from the event files.
 TAGS = ("test/accuracy", "test/loss", "train/loss", "train/accuracy", "train/margin",
         "train/learning_rate")
+
+
+#: Prefix of the activation histograms (`capsem.diagnostics.capsule_details`).
+ACTIVATION_PREFIX = "activations/"
+
+#: An activation below OFF counts as off, above ON as on (`activity`).
+OFF, ON = 0.05, 0.95
 
 
 class ReportError(Exception):
@@ -37,12 +47,8 @@ def read_scalars(log_dir, tags=TAGS):
     """
     import tensorflow as tf  # slow to import: only when reading
 
-    paths = sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
-    if not paths:
-        raise ReportError(f"{log_dir}: no TensorBoard event files (events.out.tfevents.*); "
-                          f"pass the --log_dir of a training run")
     found = {tag: {} for tag in tags}
-    for path in paths:
+    for path in _event_files(log_dir):
         try:
             for record in tf.data.TFRecordDataset(path):
                 event = tf.compat.v1.Event.FromString(record.numpy())
@@ -61,6 +67,89 @@ def read_scalars(log_dir, tags=TAGS):
             raise ReportError(f"{path}: cannot read ({e})") from None
     return {tag: sorted((step, t, v) for step, (t, v) in values.items())
             for tag, values in found.items()}
+
+
+def _event_files(log_dir):
+    paths = sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+    if not paths:
+        raise ReportError(f"{log_dir}: no TensorBoard event files (events.out.tfevents.*); "
+                          f"pass the --log_dir of a training run")
+    return paths
+
+
+def read_histograms(log_dir, prefix=ACTIVATION_PREFIX):
+    """The histograms of the event files in `log_dir` whose tag starts with `prefix`.
+
+    Returns:
+      a dict `{tag: [(step, buckets), ...]}` sorted by step, `buckets` an array
+      `(k, 3)` of (left edge, right edge, count), as `tf.summary.histogram`
+      writes them (a step written twice keeps its last histogram).
+
+    Raises:
+      ReportError: as `read_scalars`.
+    """
+    import tensorflow as tf  # slow to import: only when reading
+
+    found = {}
+    for path in _event_files(log_dir):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if not value.tag.startswith(prefix) or not value.HasField("tensor"):
+                        continue
+                    buckets = tf.make_ndarray(value.tensor)
+                    if buckets.ndim == 2 and buckets.shape[1] == 3:
+                        found.setdefault(value.tag, {})[int(event.step)] = buckets
+        except tf.errors.DataLossError:
+            continue  # a truncated last record, as in read_scalars
+        except Exception as e:  # noqa: BLE001
+            raise ReportError(f"{path}: cannot read ({e})") from None
+    return {tag: sorted(values.items(), key=lambda x: x[0]) for tag, values in found.items()}
+
+
+def activity(buckets, off=OFF, on=ON):
+    """The share of values below `off` and above `on`, and the mean, of one histogram.
+
+    Each bucket counts by its centre (the buckets of `tf.summary.histogram`
+    span the values' range in 30 equal parts, a 1/30 resolution for
+    activations in [0, 1]).
+
+    Returns:
+      `{"off": share, "on": share, "mean": mean}`; None for an empty histogram.
+    """
+    buckets = np.asarray(buckets, np.float64)
+    counts = buckets[:, 2]
+    total = counts.sum()
+    if total <= 0:
+        return None
+    centres = (buckets[:, 0] + buckets[:, 1]) / 2.0
+    return {"off": float(counts[centres < off].sum() / total),
+            "on": float(counts[centres > on].sum() / total),
+            "mean": float((counts * centres).sum() / total)}
+
+
+def format_activity(log_dir, histograms, rows=8):
+    """Per layer, the share of capsules off and on at up to `rows` steps."""
+    if not histograms:
+        return f"{log_dir}: no activation histograms\n"
+    layers = sorted(histograms)
+    steps = sorted({step for tag in layers for step, _ in histograms[tag]})
+    shown = steps[::max(1, -(-len(steps) // rows))]
+    if steps[-1] not in shown:
+        shown.append(steps[-1])
+    names = [tag[len(ACTIVATION_PREFIX):] for tag in layers]
+    lines = [f"{log_dir}: capsules off (activation < {OFF}) / on (> {ON}) / mean activation",
+             "  step    " + "".join(f"{name:>22}" for name in names)]
+    for step in shown:
+        cells = []
+        for tag in layers:
+            buckets = dict(histograms[tag]).get(step)
+            share = activity(buckets) if buckets is not None else None
+            cells.append("-" if share is None else
+                         f"{share['off']:.2f} / {share['on']:.2f} / {share['mean']:.2f}")
+        lines.append(f"  {step:<8d}" + "".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines) + "\n"
 
 
 def run_summary(log_dir):
@@ -159,6 +248,10 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --plot file")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--activity", action="store_true",
+                        help=f"also print, per capsule layer, the share of activations below "
+                             f"{OFF} (off) and above {ON} (on) and their mean, from the runs' "
+                             f"activation histograms")
     args = parser.parse_args(argv)
     if args.plot and os.path.exists(args.plot) and not args.overwrite:
         print(f"error: {args.plot} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -169,6 +262,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_table(summaries, markdown=args.markdown))
+    if args.activity:
+        try:
+            for d in args.log_dirs:
+                print(format_activity(d, read_histograms(d)))
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if args.plot:
         plot(summaries, args.plot)
         print(f"wrote {args.plot}")

@@ -47,3 +47,31 @@ def test_report_names_a_directory_without_events(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "no TensorBoard event files" in err
+
+
+def test_report_activity_counts_capsules_off_and_on_per_layer(tmp_path, capsys):
+    run = str(tmp_path / "a")
+    _fake_run(run, [0.9])
+    writer = tf.summary.create_file_writer(run)
+    with writer.as_default():
+        # 70 capsules off, 10 on, 20 in between; then all in between.
+        values = np.concatenate([np.full(70, 0.01), np.full(10, 0.99), np.full(20, 0.5)])
+        tf.summary.histogram("activations/conv_caps2", values, step=100)
+        tf.summary.histogram("activations/conv_caps2", np.full(8, 0.5), step=200)
+        tf.summary.histogram("activations/class_capsules", np.linspace(0, 1, 50), step=200)
+        tf.summary.histogram("votes/conv_caps2", values, step=100)  # not an activation
+    writer.close()
+    histograms = report.read_histograms(run)
+    assert sorted(histograms) == ["activations/class_capsules", "activations/conv_caps2"]
+    assert [step for step, _ in histograms["activations/conv_caps2"]] == [100, 200]
+    share = report.activity(histograms["activations/conv_caps2"][0][1])
+    assert share["off"] == 0.7 and share["on"] == 0.1
+    assert abs(share["mean"] - (70 * 0.01 + 10 * 0.99 + 20 * 0.5) / 100) < 1 / 30
+    assert report.activity(histograms["activations/conv_caps2"][1][1])["off"] == 0.0
+    assert report.main([run, "--activity"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("capsules off"):].splitlines()
+    assert lines[1].split() == ["step", "class_capsules", "conv_caps2"]
+    # At step 100 the class capsules have no histogram.
+    assert lines[2].split()[:2] == ["100", "-"] and "0.70 / 0.10 / 0.2" in lines[2]
+    assert lines[3].split()[0] == "200" and lines[3].endswith("0.00 / 0.00 / 0.50")
