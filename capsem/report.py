@@ -35,6 +35,32 @@ class ReportError(Exception):
     """A log_dir without event files or with unreadable ones."""
 
 
+def _read_events(log_dir, take):
+    """Calls `take(event, value, tf)` for every summary value of the event files in `log_dir`.
+
+    Raises:
+      ReportError: no event file in `log_dir`, or one that cannot be read
+        (`take`'s errors included).
+    """
+    import tensorflow as tf  # slow to import: only when reading
+
+    paths = sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+    if not paths:
+        raise ReportError(f"{log_dir}: no TensorBoard event files (events.out.tfevents.*); "
+                          f"pass the --log_dir of a training run")
+    for path in paths:
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    take(event, value, tf)
+        except tf.errors.DataLossError:
+            # A run killed mid-write leaves a truncated last record: keep what was read.
+            continue
+        except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+            raise ReportError(f"{path}: cannot read ({e})") from None
+
+
 def read_scalars(log_dir, tags=TAGS):
     """The scalars of the event files in `log_dir`.
 
@@ -45,36 +71,20 @@ def read_scalars(log_dir, tags=TAGS):
     Raises:
       ReportError: no event file in `log_dir`, or one that cannot be read.
     """
-    import tensorflow as tf  # slow to import: only when reading
-
     found = {tag: {} for tag in tags}
-    for path in _event_files(log_dir):
-        try:
-            for record in tf.data.TFRecordDataset(path):
-                event = tf.compat.v1.Event.FromString(record.numpy())
-                for value in event.summary.value:
-                    if value.tag not in found:
-                        continue
-                    if value.HasField("tensor"):
-                        number = float(tf.make_ndarray(value.tensor))
-                    else:
-                        number = float(value.simple_value)
-                    found[value.tag][int(event.step)] = (event.wall_time, number)
-        except tf.errors.DataLossError:
-            # A run killed mid-write leaves a truncated last record: keep what was read.
-            continue
-        except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
-            raise ReportError(f"{path}: cannot read ({e})") from None
+
+    def take(event, value, tf):
+        if value.tag not in found:
+            return
+        if value.HasField("tensor"):
+            number = float(tf.make_ndarray(value.tensor))
+        else:
+            number = float(value.simple_value)
+        found[value.tag][int(event.step)] = (event.wall_time, number)
+
+    _read_events(log_dir, take)
     return {tag: sorted((step, t, v) for step, (t, v) in values.items())
             for tag, values in found.items()}
-
-
-def _event_files(log_dir):
-    paths = sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
-    if not paths:
-        raise ReportError(f"{log_dir}: no TensorBoard event files (events.out.tfevents.*); "
-                          f"pass the --log_dir of a training run")
-    return paths
 
 
 def read_histograms(log_dir, prefix=ACTIVATION_PREFIX):
@@ -88,23 +98,16 @@ def read_histograms(log_dir, prefix=ACTIVATION_PREFIX):
     Raises:
       ReportError: as `read_scalars`.
     """
-    import tensorflow as tf  # slow to import: only when reading
-
     found = {}
-    for path in _event_files(log_dir):
-        try:
-            for record in tf.data.TFRecordDataset(path):
-                event = tf.compat.v1.Event.FromString(record.numpy())
-                for value in event.summary.value:
-                    if not value.tag.startswith(prefix) or not value.HasField("tensor"):
-                        continue
-                    buckets = tf.make_ndarray(value.tensor)
-                    if buckets.ndim == 2 and buckets.shape[1] == 3:
-                        found.setdefault(value.tag, {})[int(event.step)] = buckets
-        except tf.errors.DataLossError:
-            continue  # a truncated last record, as in read_scalars
-        except Exception as e:  # noqa: BLE001
-            raise ReportError(f"{path}: cannot read ({e})") from None
+
+    def take(event, value, tf):
+        if not value.tag.startswith(prefix) or not value.HasField("tensor"):
+            return
+        buckets = tf.make_ndarray(value.tensor)
+        if buckets.ndim == 2 and buckets.shape[1] == 3:
+            found.setdefault(value.tag, {})[int(event.step)] = buckets
+
+    _read_events(log_dir, take)
     return {tag: sorted(values.items(), key=lambda x: x[0]) for tag, values in found.items()}
 
 
@@ -141,10 +144,11 @@ def format_activity(log_dir, histograms, rows=8):
     names = [tag[len(ACTIVATION_PREFIX):] for tag in layers]
     lines = [f"{log_dir}: capsules off (activation < {OFF}) / on (> {ON}) / mean activation",
              "  step    " + "".join(f"{name:>22}" for name in names)]
+    by_step = {tag: dict(histograms[tag]) for tag in layers}
     for step in shown:
         cells = []
         for tag in layers:
-            buckets = dict(histograms[tag]).get(step)
+            buckets = by_step[tag].get(step)
             share = activity(buckets) if buckets is not None else None
             cells.append("-" if share is None else
                          f"{share['off']:.2f} / {share['on']:.2f} / {share['mean']:.2f}")
