@@ -162,6 +162,12 @@ flags.DEFINE_float("ema_momentum", 0.0,
                    "--mode=eval (give --ema_momentum=0 there for the trained weights), "
                    "export.py, predict.py, visualize.py, attack.py and viewpoints.py use the "
                    "average. A run cannot switch it on or off when it resumes.", lower_bound=0)
+flags.DEFINE_boolean("ema_warmup", False,
+                     "With --ema_momentum > 0: the n-th update of the average uses the momentum "
+                     "min(ema_momentum, (1 + n) / (10 + n)), the warm-up of TF1's "
+                     "ExponentialMovingAverage(num_updates), so that the average of a short run "
+                     "holds the last steps' weights, not the initial ones (docs/results.md "
+                     "3.17). A new value takes effect when a run resumes.")
 flags.DEFINE_float("clip_norm", 4.0,
                    "Clip each variable's gradient separately to this L2 norm, as the article's "
                    "slim train op (clip_gradient_norm=4.0); 0 disables clipping.")
@@ -278,7 +284,7 @@ def config_from_flags(values):
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
         lr_decay_max_epochs=values.lr_decay_max_epochs, weight_decay=values.weight_decay,
-        ema_momentum=values.ema_momentum,
+        ema_momentum=values.ema_momentum, ema_warmup=values.ema_warmup,
         random_shift=values.random_shift,
         random_shift_after_epochs=values.random_shift_after_epochs,
         conv1_batch_norm=values.conv1_batch_norm,

@@ -76,16 +76,28 @@ class WeightAverage:
     (1992); Keras' `use_ema` does the same inside the optimizer, where it cannot
     be checkpointed apart from the optimizer's other variables.
 
+    With `updates` (a counter of the applied steps, e.g. the optimizer's
+    `iterations`, already counting the step being averaged) the n-th update
+    uses the momentum `min(momentum, (1 + n) / (10 + n))`, the warm-up of
+    `tf.compat.v1.train.ExponentialMovingAverage(num_updates=...)`. Early in a
+    run the average then weighs the n steps taken so far about as `s^8` (the
+    last tenth of them 61%, the last 30% 96%), where a fixed momentum of 0.999
+    still holds the random initial weights at 15% after 1,875 steps
+    (docs/results.md 3.16-3.17). The fixed momentum takes over after
+    `(10 m - 1) / (1 - m)` steps (8,991 for 0.999).
+
     Args:
       model: the trained network.
       averaged: a network built as `model` (same variables, in the same order).
       momentum: in [0, 1); the horizon is about `1 / (1 - momentum)` steps.
+      updates: None (a fixed momentum), or an integer variable counting the
+        applied steps, read at each update (the warm-up above).
 
     Raises:
       ValueError: a momentum outside [0, 1), or networks whose variables differ.
     """
 
-    def __init__(self, model, averaged, momentum):
+    def __init__(self, model, averaged, momentum, updates=None):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         pairs = list(zip(model.weights, averaged.weights))
@@ -96,6 +108,7 @@ class WeightAverage:
         self.model = model
         self.averaged = averaged
         self.momentum = float(momentum)
+        self.updates = updates
         self._pairs = pairs
 
     def copy_from_model(self):
@@ -106,6 +119,9 @@ class WeightAverage:
     def update(self):
         """One step of the average (tensor ops: runs inside the compiled step)."""
         m = self.momentum
+        if self.updates is not None:
+            n = tf.cast(tf.convert_to_tensor(self.updates), tf.float32)
+            m = tf.minimum(m, (1.0 + n) / (10.0 + n))
         for weight, average in self._pairs:
             if weight.trainable:
                 average.assign(m * average.value + (1.0 - m) * weight.value)

@@ -57,7 +57,7 @@ COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
 OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_steps",
-                  "lr_decay_max_epochs", "weight_decay", "ema_momentum")
+                  "lr_decay_max_epochs", "weight_decay", "ema_momentum", "ema_warmup")
 
 #: The fields `evaluate` takes from the log_dir's config.json unless they are
 #: given explicitly: what builds the network and its evaluation margin.
@@ -138,6 +138,11 @@ class TrainConfig:
         saved in the checkpoints as `averaged_model`), which the evaluations,
         `--mode=eval` and the tools that load a trained network use (the
         trained weights are still evaluated and logged beside it).
+      ema_warmup: with `ema_momentum` > 0, the n-th update of the average uses
+        the momentum `min(ema_momentum, (1 + n) / (10 + n))` (the warm-up of
+        TF1's `ExponentialMovingAverage(num_updates=...)`), so that the average
+        of a short run does not hold the initial weights; False (default): the
+        fixed momentum from the first step.
       clip_norm: per-variable gradient clipping norm (0 disables).
       epochs: stop after this many epochs (0: no limit).
       max_steps: stop at this global step (0: no limit).
@@ -236,6 +241,7 @@ class TrainConfig:
     adam_epsilon: float = step_lib.TF1_ADAM_EPSILON
     weight_decay: float = 0.0
     ema_momentum: float = 0.0
+    ema_warmup: bool = False
     clip_norm: float = 4.0
     epochs: int = 10
     max_steps: int = 0
@@ -336,6 +342,9 @@ class TrainConfig:
         if not 0 <= self.ema_momentum < 1:
             raise ConfigError(f"ema_momentum must be in [0, 1) (0: no average), got "
                               f"{self.ema_momentum!r}")
+        if self.ema_warmup and not self.ema_momentum:
+            raise ConfigError("ema_warmup=True warms up the average of the weights, which "
+                              "needs ema_momentum in (0, 1), got ema_momentum=0")
         if self.ema_momentum and self.distribute != "none":
             raise ConfigError(f"ema_momentum={self.ema_momentum!r} needs distribute='none' "
                               f"(the average is not kept over replicas), got "
@@ -1276,8 +1285,11 @@ class _Trainer:
             kwargs["strategy"] = self.strategy
         self.weight_average = None
         if self.averaged is not None:
-            self.weight_average = step_lib.WeightAverage(self.model, self.averaged,
-                                                         config.ema_momentum)
+            # --ema_warmup counts the applied steps with the optimizer's iterations
+            # (checkpointed with it; skipped steps do not count).
+            self.weight_average = step_lib.WeightAverage(
+                self.model, self.averaged, config.ema_momentum,
+                updates=self.optimizer.iterations if config.ema_warmup else None)
             kwargs["weight_average"] = self.weight_average
         self.step_fn = step_lib.TrainStep(self.model, self.optimizer, self.iterations_per_epoch,
                                           clip_norm=config.clip_norm,

@@ -91,3 +91,65 @@ def test_a_run_with_an_average_tests_saves_and_delivers_it(tmp_path):
                                eval_every_epoch=False))
     assert training.read_saved_config(config.log_dir)["changes"] == [
         {"step": 6, "setting": "ema_momentum", "saved": 0.5, "new": 0.25}]
+
+
+def test_the_warm_up_follows_the_count_of_applied_steps():
+    """--ema_warmup: the n-th update uses min(momentum, (1 + n) / (10 + n)); n is the
+    optimizer's count of applied steps, which a skipped step leaves alone."""
+    kwargs = dict(A=4, B=2, C=2, D=2, routing="paper", inverse_temperature=0.5)
+    model, averaged = nets.capsules_net(**kwargs), nets.capsules_net(**kwargs)
+    optimizer = step.make_optimizer(0.05)
+    average = step.WeightAverage(model, averaged, 0.9, updates=optimizer.iterations)
+    average.copy_from_model()
+    train = step.TrainStep(model, optimizer, iterations_per_epoch=10, weight_average=average)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 1, (4, 28, 28, 1)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3])
+    seen = [_values(model)]
+    bad = images.copy()
+    bad[0, 0, 0, 0] = np.nan
+    assert not bool(train(bad, labels)["finite"])  # not counted: the next update is n = 1
+    for _ in range(2):
+        assert bool(train(images, labels)["finite"])
+        seen.append(_values(model))
+    assert int(optimizer.iterations) == 2
+    m1, m2 = 2 / 11, 3 / 12  # both below 0.9
+    trainable = [w.trainable for w in model.weights]
+    for k, (avg, is_trained) in enumerate(zip(_values(averaged), trainable)):
+        want = (m2 * (m1 * seen[0][k] + (1 - m1) * seen[1][k]) + (1 - m2) * seen[2][k]
+                if is_trained else seen[2][k])
+        np.testing.assert_allclose(avg, want, rtol=1e-5, atol=1e-7,
+                                   err_msg=model.weights[k].path)
+    # Past (10 m - 1) / (1 - m) = 81 updates the fixed momentum rules.
+    counter = tf.Variable(500, dtype=tf.int64)
+    capped = step.WeightAverage(model, averaged, 0.9, updates=counter)
+    before = _values(averaged)
+    capped.update()
+    for k, (avg, is_trained) in enumerate(zip(_values(averaged), trainable)):
+        if is_trained:
+            np.testing.assert_allclose(avg, 0.9 * before[k] + 0.1 * seen[2][k], rtol=1e-5,
+                                       atol=1e-7, err_msg=model.weights[k].path)
+    with pytest.raises(ConfigError, match="ema_warmup=True .* needs ema_momentum in"):
+        training.TrainConfig(ema_warmup=True).validate()
+
+
+def test_a_run_warms_up_its_average(tmp_path):
+    """The run's step passes its optimizer's count: after one step of a run with momentum
+    0.5, the average is 2/11 of the initial weights, not 1/2."""
+    _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
+    gaps = {}
+    for warmup in (False, True):
+        config = tiny_config(tmp_path / str(warmup), dataset_dir, ema_momentum=0.5,
+                             ema_warmup=warmup, max_steps=1, epochs=0, eval_every_epoch=False)
+        training.train(config)
+        average, _, _, _ = training.load_trained(config.log_dir)
+        trained, _, _ = training.restore_model(dataclasses.replace(config, ema_momentum=0.0))
+        gaps[warmup] = [a - t for a, t, w in zip(_values(average), _values(trained),
+                                                 trained.weights) if w.trainable]
+        assert training.read_saved_config(config.log_dir)["ema_warmup"] is warmup
+    # average - w1 = m (w0 - w1), and both runs take the same first step (deterministic).
+    moved = [np.abs(g).max() > 1e-4 for g in gaps[False]]
+    assert sum(moved) >= 5
+    for plain, warm, big in zip(gaps[False], gaps[True], moved):
+        if big:
+            np.testing.assert_allclose(warm, plain * (2 / 11) / 0.5, rtol=1e-3, atol=1e-6)
