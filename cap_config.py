@@ -155,19 +155,21 @@ flags.DEFINE_float("weight_decay", None,
                    "biases, beta_v, beta_a and batch normalisation are not decayed. 0: none. "
                    "A new value takes effect when a run resumes. Default: the recipe's "
                    "(article 0, paper 5e-3).", lower_bound=0)
-flags.DEFINE_float("ema_momentum", 0.0,
-                   "0 (default): none. In (0, 1): the run also keeps an exponential moving "
+flags.DEFINE_float("ema_momentum", None,
+                   "0: none. In (0, 1): the run also keeps an exponential moving "
                    "average of the weights (Polyak averaging; horizon about 1 / (1 - "
                    "ema_momentum) steps), saved in the checkpoints; the evaluations, "
                    "--mode=eval (give --ema_momentum=0 there for the trained weights), "
                    "export.py, predict.py, visualize.py, attack.py and viewpoints.py use the "
-                   "average. A run cannot switch it on or off when it resumes.", lower_bound=0)
-flags.DEFINE_boolean("ema_warmup", False,
+                   "average. A run cannot switch it on or off when it resumes. Default: the "
+                   "recipe's (article 0, paper 0.999; 0 with --distribute).", lower_bound=0)
+flags.DEFINE_boolean("ema_warmup", None,
                      "With --ema_momentum > 0: the n-th update of the average uses the momentum "
                      "min(ema_momentum, (1 + n) / (10 + n)), the warm-up of TF1's "
                      "ExponentialMovingAverage(num_updates), so that the average of a short run "
                      "holds the last steps' weights, not the initial ones (docs/results.md "
-                     "3.17). A new value takes effect when a run resumes.")
+                     "3.17). A new value takes effect when a run resumes. Default: the recipe's "
+                     "(article false, paper true).")
 flags.DEFINE_float("clip_norm", 4.0,
                    "Clip each variable's gradient separately to this L2 norm, as the article's "
                    "slim train op (clip_gradient_norm=4.0); 0 disables clipping.")

@@ -142,7 +142,7 @@ class TrainConfig:
         the momentum `min(ema_momentum, (1 + n) / (10 + n))` (the warm-up of
         TF1's `ExponentialMovingAverage(num_updates=...)`), so that the average
         of a short run does not hold the initial weights; False (default): the
-        fixed momentum from the first step.
+        fixed momentum from the first step. No effect without an average.
       clip_norm: per-variable gradient clipping norm (0 disables).
       epochs: stop after this many epochs (0: no limit).
       max_steps: stop at this global step (0: no limit).
@@ -342,9 +342,6 @@ class TrainConfig:
         if not 0 <= self.ema_momentum < 1:
             raise ConfigError(f"ema_momentum must be in [0, 1) (0: no average), got "
                               f"{self.ema_momentum!r}")
-        if self.ema_warmup and not self.ema_momentum:
-            raise ConfigError("ema_warmup=True warms up the average of the weights, which "
-                              "needs ema_momentum in (0, 1), got ema_momentum=0")
         if self.ema_momentum and self.distribute != "none":
             raise ConfigError(f"ema_momentum={self.ema_momentum!r} needs distribute='none' "
                               f"(the average is not kept over replicas), got "
@@ -410,7 +407,8 @@ class TrainConfig:
         """
         decided = {k: kwargs.pop(k) for k in list(kwargs) if k in recipes.ARTICLE}
         return cls(recipe=recipe, **kwargs,
-                   **recipes.resolve(recipe, decided, kwargs.get("dataset")))
+                   **recipes.resolve(recipe, decided, kwargs.get("dataset"),
+                                     kwargs.get("distribute", "none")))
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -31,7 +31,25 @@ def test_paper_recipe_shifts_mnist_only():
     assert training.TrainConfig.from_recipe("article", dataset="mnist").random_shift == 0
     paper = training.TrainConfig.from_recipe("paper")
     assert (paper.weight_decay, paper.lr_decay_max_epochs,
-            paper.random_shift_after_epochs) == (5e-3, 6.0, 1)
+            paper.random_shift_after_epochs) == (1e-2, 5.0, 1)
+
+
+def test_paper_recipe_averages_the_weights_on_one_device_only():
+    paper = training.TrainConfig.from_recipe("paper")
+    assert (paper.ema_momentum, paper.ema_warmup) == (0.999, True)
+    article = training.TrainConfig.from_recipe("article")
+    assert (article.ema_momentum, article.ema_warmup) == (0.0, False)
+    # A distributed run cannot keep the average: the recipe's becomes none...
+    mirrored = training.TrainConfig.from_recipe("paper", distribute="mirrored")
+    assert (mirrored.ema_momentum, mirrored.ema_warmup) == (0.0, False)
+    mirrored.validate()
+    # ... but one given is kept, and refused.
+    given = training.TrainConfig.from_recipe("paper", distribute="mirrored", ema_momentum=0.99)
+    with pytest.raises(ConfigError, match="needs distribute='none'"):
+        given.validate()
+    # No average, nothing to warm up (config.json says so).
+    none = training.TrainConfig.from_recipe("paper", ema_momentum=0.0)
+    assert (none.ema_momentum, none.ema_warmup) == (0.0, False)
 
 
 def test_paper_recipe_fills_in_only_what_is_not_given():
