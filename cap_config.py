@@ -47,8 +47,8 @@ flags.DEFINE_enum(
     "--lambda_growth, --routing_cost, --variance_floor, --assignment_gradient, --batch_size, "
     "--transform_stddev, --margin_schedule, "
     "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
-    "--lr_decay_max_epochs, --weight_decay, --random_shift, --random_shift_after_epochs, "
-    "--conv1_batch_norm and "
+    "--lr_decay_max_epochs, --weight_decay, --ema_momentum, --ema_warmup, --random_shift, "
+    "--random_shift_after_epochs, --conv1_batch_norm and "
     "--conv1_padding wherever these are not given; config.json records the values used.")
 flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
@@ -115,7 +115,7 @@ flags.DEFINE_integer("lr_decay_steps", None,
 flags.DEFINE_float("lr_decay_max_epochs", None,
                    "With --lr_decay_steps=0: the decay spans the run, but at most this many "
                    "epochs (the rate goes on decaying at the same pace after them); 0: no "
-                   "limit. Default: the recipe's (article 0, paper 6).", lower_bound=0)
+                   "limit. Default: the recipe's (article 0, paper 5).", lower_bound=0)
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
                      "(0: none). Default: the recipe's (article 0, paper 2).", lower_bound=0)
@@ -154,7 +154,7 @@ flags.DEFINE_float("weight_decay", None,
                    "and the transformation matrices by (1 - weight_decay x learning rate); "
                    "biases, beta_v, beta_a and batch normalisation are not decayed. 0: none. "
                    "A new value takes effect when a run resumes. Default: the recipe's "
-                   "(article 0, paper 5e-3).", lower_bound=0)
+                   "(article 0, paper 1e-2).", lower_bound=0)
 flags.DEFINE_float("ema_momentum", None,
                    "0: none. In (0, 1): the run also keeps an exponential moving "
                    "average of the weights (Polyak averaging; horizon about 1 / (1 - "

@@ -499,8 +499,9 @@ def compare_with_saved_config(config, saved, has_checkpoint):
         raise ConfigError(
             f"{where} was trained with ema_momentum={saved.get('ema_momentum', 0.0)!r}, this "
             f"run asks for {config.ema_momentum!r}: the average of the weights starts with a "
-            f"run, so a run cannot switch it on or off (another value > 0 is taken); use "
-            f"another --log_dir")
+            f"run, so a run cannot switch it on or off (another value > 0 is taken); pass "
+            f"--ema_momentum={saved.get('ema_momentum', 0.0)!r} to resume it (runs of the "
+            f"paper recipe before 33e7692 had no average), or use another --log_dir")
     return diffs + _differences(saved, current, OPTIMIZER_KEYS)
 
 

@@ -85,7 +85,8 @@ def test_a_run_with_an_average_tests_saves_and_delivers_it(tmp_path):
     differ = [not np.array_equal(a, b) for a, b in zip(_values(model), _values(raw))]
     assert any(differ)
     # The average cannot be switched off (or on) when a run resumes; another momentum is taken.
-    with pytest.raises(ConfigError, match=r"ema_momentum=0\.5, this run asks for 0\.0"):
+    with pytest.raises(ConfigError, match=r"ema_momentum=0\.5, this run asks for 0\.0: .*"
+                                          r"pass --ema_momentum=0\.5 to resume it"):
         training.train(tiny_config(tmp_path, dataset_dir, epochs=3))
     training.train(tiny_config(tmp_path, dataset_dir, epochs=3, ema_momentum=0.25,
                                eval_every_epoch=False))
