@@ -342,6 +342,8 @@ class TrainConfig:
         if not 0 <= self.ema_momentum < 1:
             raise ConfigError(f"ema_momentum must be in [0, 1) (0: no average), got "
                               f"{self.ema_momentum!r}")
+        if not isinstance(self.ema_warmup, bool):
+            raise ConfigError(f"ema_warmup must be True or False, got {self.ema_warmup!r}")
         if self.ema_momentum and self.distribute != "none":
             raise ConfigError(f"ema_momentum={self.ema_momentum!r} needs distribute='none' "
                               f"(the average is not kept over replicas), got "

@@ -281,3 +281,26 @@ def test_conv1_batch_norm():
     single = model(images[:1], training=False)[1].numpy()
     np.testing.assert_allclose(single, whole[:1], rtol=1e-4, atol=1e-6)
     assert recipes.ARTICLE["conv1_batch_norm"] is False
+
+
+def test_the_average_flags_reach_the_config():
+    """--ema_momentum / --ema_warmup default to the recipe's values; given ones win."""
+    from absl import flags
+
+    import cap_config
+    import mnist_config  # noqa: F401  (defines the data flags)
+
+    cases = [(["--recipe=paper"], (0.999, True)),
+             (["--recipe=paper", "--ema_momentum=0"], (0.0, False)),
+             (["--recipe=paper", "--distribute=mirrored"], (0.0, False)),
+             (["--recipe=paper", "--noema_warmup"], (0.999, False)),
+             ([], (0.0, False)),
+             (["--ema_momentum=0.99", "--ema_warmup"], (0.99, True))]
+    values = flags.FLAGS
+    for argv, want in cases:
+        try:
+            values(["train.py", *argv])
+            config = cap_config.config_from_flags(values)
+        finally:
+            values.unparse_flags()
+        assert (config.ema_momentum, config.ema_warmup) == want, argv

@@ -55,6 +55,8 @@ def test_the_average_follows_each_applied_step_and_skips_a_bad_one():
         step.WeightAverage(model, nets.capsules_net(A=4, B=2, C=3, D=2), 0.5)
     for bad, match in (({"ema_momentum": 1.0}, r"ema_momentum must be in \[0, 1\)"),
                        ({"ema_momentum": -0.1}, r"ema_momentum must be in \[0, 1\)"),
+                       ({"ema_momentum": 0.9, "ema_warmup": 1},
+                        "ema_warmup must be True or False, got 1"),
                        ({"ema_momentum": 0.9, "distribute": "mirrored"},
                         "needs distribute='none'")):
         with pytest.raises(ConfigError, match=match):
