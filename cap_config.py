@@ -60,7 +60,8 @@ flags.DEFINE_float("final_lambda", None,
                    "Paper routing: scale of the inverse temperature schedule "
                    "lambda_t = final_lambda * (1 - 0.95^(t+1)) (--lambda_schedule=iterations), "
                    "or the largest inverse temperature of the ramp. Default: the recipe's "
-                   "(1.0).")
+                   "(1.0; paper recipe with --D > 16: times 16/D, e.g. 0.5 for the article "
+                   "network).")
 flags.DEFINE_enum("lambda_schedule", None, ["iterations", "ramp"],
                   "Paper routing's inverse temperature: 'iterations' (final_lambda * "
                   "(1 - 0.95^(t+1)) at iteration t, constant through training; IBM's "
@@ -77,10 +78,10 @@ flags.DEFINE_enum("routing_cost", None, ["normalised", "unnormalised"],
                   "unnormalised).")
 flags.DEFINE_float("lambda_start", None,
                    "--lambda_schedule=ramp: the inverse temperature at step 0 (> 0). Default: "
-                   "the recipe's (1e-3).")
+                   "the recipe's (1e-3; paper recipe with --D > 16: times 16/D).")
 flags.DEFINE_float("lambda_growth", None,
                    "--lambda_schedule=ramp: the inverse temperature's growth per epoch (>= 0). "
-                   "Default: the recipe's (paper 0.3).")
+                   "Default: the recipe's (paper 0.3; with --D > 16: times 16/D).")
 flags.DEFINE_float("variance_floor", None,
                    "Paper routing: added to every variance (a parent with one child must not "
                    "reach log 0). Default: the recipe's (paper 1e-2).")

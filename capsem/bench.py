@@ -6,8 +6,10 @@ runs `--warmup` untimed steps (XLA compiles during the first one) and then
 seconds per step, images per second, the peak resident memory of the process
 and the thread settings. A training step is exactly the one `train.py` runs:
 `capsem.step.TrainStep` (forward pass, spread loss, gradients through all EM
-iterations, per-variable clipping at 4.0, Adam). Inference is
-`capsem.step.make_eval_step`.
+iterations, per-variable clipping at 4.0, Adam, with the `--recipe`'s weight decay
+and, where the recipe has one, the update of its average of the weights,
+`capsem.step.WeightAverage`; `--ema_momentum=0` times the step without it). Inference
+is `capsem.step.make_eval_step`.
 
 `--all` runs the four config x mode pairs, each in its own process (so that
 peak memory figures do not mix), and prints a markdown table.
@@ -52,6 +54,11 @@ def define_flags():
     flags.DEFINE_integer("iterations", None,
                          "EM routing iterations of every capsule layer. Default: the "
                          "--recipe's (article 3, paper 1), as train.py.", lower_bound=1)
+    flags.DEFINE_float("ema_momentum", None,
+                       "Training: the momentum of the average of the weights updated after "
+                       "every step (capsem.step.WeightAverage, as train.py's --ema_momentum). "
+                       "Default: the --recipe's (article 0: none; paper 0.999); 0: no "
+                       "average, to time the step without it.", lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_integer("num_classes", 10, "Number of class capsules.", lower_bound=2)
     flags.DEFINE_integer("image_size", 28, "Height and width of the (square) input images.",
                          lower_bound=13)
@@ -96,7 +103,8 @@ def peak_rss_mb():
 def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps=10,
                   iterations=None, num_classes=10, image_size=28, channels=1, sizes=None,
                   stable=False, micro_batch_size=None, jit=None, intra_op_threads=0,
-                  inter_op_threads=0, seed=0, routing_kernels="auto", recipe="article"):
+                  inter_op_threads=0, seed=0, routing_kernels="auto", recipe="article",
+                  ema_momentum=None):
     """Builds the network, times `steps` steps after `warmup` ones, returns a result dict.
 
     Args:
@@ -112,8 +120,12 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
       routing_kernels: "auto", "native" or "xla", as `capsem.step.TrainStep`; the
         result's `routing_kernels` says which ran ("xla" where the native
         kernels could not be built), for either routing.
-      recipe: "article" or "paper": the network's routing settings are the
-        recipe's (`capsem.recipes`).
+      recipe: "article" or "paper": the network's routing settings, the
+        optimizer's weight decay and the average of the weights are the recipe's
+        (`capsem.recipes`).
+      ema_momentum: training only: None, the recipe's; 0, no average of the
+        weights; else the momentum of the `capsem.step.WeightAverage` updated
+        inside the timed step (its warm-up as the recipe's).
       Others: see the flags of `define_flags`.
 
     Returns:
@@ -131,21 +143,26 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
     keras.utils.set_random_seed(seed)
     abcd = dict(CONFIGS[config])
     abcd.update({k: v for k, v in (sizes or {}).items() if v is not None})
-    settings = recipes.resolve(recipe, {"iterations": iterations})
+    settings = recipes.resolve(recipe, {"iterations": iterations,
+                                        "ema_momentum": ema_momentum}, D=abcd["D"])
     iterations = settings["iterations"]
-    model = nets.capsules_net(num_classes=num_classes, iterations=iterations,
-                              input_shape=(image_size, image_size, channels), stable=stable,
-                              routing=settings["routing"],
-                              final_lambda=settings["final_lambda"],
-                              variance_floor=settings["variance_floor"],
-                              assignment_gradient=settings["assignment_gradient"],
-                              transform_stddev=settings["transform_stddev"],
-                              conv1_batch_norm=settings["conv1_batch_norm"],
-                              inverse_temperature=(settings["lambda_start"]
-                                                   if settings["lambda_schedule"] == "ramp"
-                                                   else None),
-                              routing_cost=settings["routing_cost"],
-                              conv1_padding=settings["conv1_padding"], **abcd)
+
+    def build():
+        return nets.capsules_net(num_classes=num_classes, iterations=iterations,
+                                 input_shape=(image_size, image_size, channels), stable=stable,
+                                 routing=settings["routing"],
+                                 final_lambda=settings["final_lambda"],
+                                 variance_floor=settings["variance_floor"],
+                                 assignment_gradient=settings["assignment_gradient"],
+                                 transform_stddev=settings["transform_stddev"],
+                                 conv1_batch_norm=settings["conv1_batch_norm"],
+                                 inverse_temperature=(settings["lambda_start"]
+                                                      if settings["lambda_schedule"] == "ramp"
+                                                      else None),
+                                 routing_cost=settings["routing_cost"],
+                                 conv1_padding=settings["conv1_padding"], **abcd)
+
+    model = build()
     rng = np.random.RandomState(seed)
     # Preprocessed images lie in [-1, 1); labels are uniform over the classes.
     images = tf.constant(rng.uniform(-1.0, 1.0, (batch_size, image_size, image_size, channels))
@@ -162,8 +179,14 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         else:  # train.py's default (1 with the paper's routing in the XLA kernels)
             kwargs["micro_batch_size"] = step_lib.default_micro_batch_size(
                 settings["routing"], kwargs.get("jit_compile", True), routing_kernels)
-        train_step = step_lib.TrainStep(model, step_lib.make_optimizer(),
-                                        iterations_per_epoch=1000, clip_norm=4.0, **kwargs)
+        optimizer = step_lib.make_optimizer(settings["learning_rate"],
+                                            weight_decay=settings["weight_decay"])
+        if settings["ema_momentum"]:  # as train.py's --ema_momentum / --ema_warmup
+            kwargs["weight_average"] = step_lib.WeightAverage(
+                model, build(), settings["ema_momentum"],
+                updates=optimizer.iterations if settings["ema_warmup"] else None)
+        train_step = step_lib.TrainStep(model, optimizer, iterations_per_epoch=1000,
+                                        clip_norm=4.0, **kwargs)
         used_micro, used_jit = train_step.micro_batch_size, train_step.jit_compile
 
         def run_once():
@@ -203,6 +226,8 @@ def run_benchmark(config="article", mode="train", batch_size=24, warmup=2, steps
         "micro_batch_size": used_micro,
         "jit": used_jit,
         "recipe": recipe,
+        "weight_decay": settings["weight_decay"] if mode == "train" else None,
+        "ema_momentum": settings["ema_momentum"] if mode == "train" else None,
         "routing_kernels": ("native" if step_lib.requests_native_kernels(used_jit, routing_kernels)
                             and native.available() else "xla"),
         "stable": stable,
@@ -237,7 +262,9 @@ def format_text(result):
         f"mode={result['mode']} "
         f"batch_size={result['batch_size']} iterations={result['iterations']} "
         f"micro_batch_size={result['micro_batch_size']} jit={result['jit']} "
-        f"routing_kernels={result['routing_kernels']}",
+        f"routing_kernels={result['routing_kernels']}"
+        + (f" weight_decay={result['weight_decay']:g} ema_momentum={result['ema_momentum']:g}"
+           if result["mode"] == "train" else ""),
         f"median {result['median_s_per_step']:.4f} s/step (min {result['min_s_per_step']:.4f}), "
         f"{result['images_per_sec']:.1f} images/s, CPU {result['cpu_s_per_step']:.4f} s/step, "
         f"warmup {result['warmup_s']:.1f} s",
@@ -252,7 +279,7 @@ def _forwarded_flags():
     """Command-line flags passed to every subprocess of `--all`."""
     names = ["A", "B", "C", "D", "batch_size", "warmup", "steps", "iterations", "num_classes",
              "image_size", "channels", "stable", "micro_batch_size", "jit", "intra_op_threads",
-             "inter_op_threads", "seed", "routing_kernels", "recipe"]
+             "inter_op_threads", "seed", "routing_kernels", "recipe", "ema_momentum"]
     args = []
     for name in names:
         value = FLAGS[name].value
@@ -305,7 +332,8 @@ def main(argv, script=None):
         micro_batch_size=FLAGS.micro_batch_size,
         jit={"true": True, "false": False, "whole": "whole", None: None}[FLAGS.jit],
         intra_op_threads=FLAGS.intra_op_threads, inter_op_threads=FLAGS.inter_op_threads,
-        seed=FLAGS.seed, routing_kernels=FLAGS.routing_kernels, recipe=FLAGS.recipe)
+        seed=FLAGS.seed, routing_kernels=FLAGS.routing_kernels, recipe=FLAGS.recipe,
+        ema_momentum=FLAGS.ema_momentum)
     if FLAGS.json:
         print(json.dumps(result))
     else:

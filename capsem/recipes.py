@@ -152,12 +152,35 @@ RECIPES = {"article": ARTICLE, "paper": PAPER}
 #: values become these (given ones are kept, and refused by TrainConfig.validate).
 NOT_DISTRIBUTED = {"ema_momentum": 0.0, "ema_warmup": False}
 
+#: The inverse temperature ramp of `PAPER` (final_lambda, lambda_growth, lambda_start)
+#: was chosen on the small network, whose class capsules have D = 16 input capsule types.
+#: The recipe's M-step (routing_cost "unnormalised") multiplies a parent's cost by the
+#: data assigned to it, which grows with the children per parent: with D = 32 (the
+#: article network, B = C = 32 too) twice the small network's in ConvCaps1 and the class
+#: capsules, so the same lambda acts as twice the inverse temperature there. With the
+#: small network's ramp the article network's ConvCaps2 went almost entirely off in
+#: epochs 2-4 and its ConvCaps1 later (docs/results.md 3.16: 98% and 84% of the capsules
+#: below 0.05); half the ramp keeps them on and reached 99.28% (3.16, the recipe of
+#: 1c1d342; 99.20% with the full ramp) and 99.37% (3.17, `artstack10`). So for D > 16 the
+#: recipe's ramp is scaled by 16 / D (measured at D = 16 and D = 32 only; smaller networks
+#: keep the small network's ramp).
+RAMP_KEYS = ("final_lambda", "lambda_growth", "lambda_start")
+RAMP_REFERENCE_D = 16
+
+
+def ramp_scale(recipe, D):
+    """The factor of the recipe's `RAMP_KEYS` for a network with D capsule types in ConvCaps2."""
+    if recipe != "paper" or D is None or D <= RAMP_REFERENCE_D:
+        return 1.0
+    return RAMP_REFERENCE_D / D
+
+
 #: Datasets that the recipes' `random_shift` does not apply to: smallNORB's pipeline
 #: augments with random crops already (paper Sec. 5; capsem.datasets refuses shifts there).
 NOT_SHIFTED = ("smallnorb",)
 
 
-def resolve(recipe, overrides, dataset=None, distribute="none"):
+def resolve(recipe, overrides, dataset=None, distribute="none", D=None):
     """The settings of `recipe` with the values of `overrides` that are not None.
 
     Args:
@@ -168,6 +191,9 @@ def resolve(recipe, overrides, dataset=None, distribute="none"):
         pipeline).
       distribute: the run's `--distribute`; other than "none", the recipe's
         values of `NOT_DISTRIBUTED` are replaced by those there.
+      D: the network's capsule types in ConvCaps2 (None: not a capsule network,
+        or unknown): the recipe's `RAMP_KEYS` are scaled by `ramp_scale` (given
+        ones are kept).
 
     Returns:
       a dict with every key of the recipe.
@@ -185,6 +211,9 @@ def resolve(recipe, overrides, dataset=None, distribute="none"):
         values["random_shift"] = 0
     if distribute != "none":
         values.update(NOT_DISTRIBUTED)
+    scale = ramp_scale(recipe, D)
+    if scale != 1.0:
+        values.update({k: values[k] * scale for k in RAMP_KEYS})
     values.update({k: v for k, v in overrides.items() if v is not None})
     if not values["ema_momentum"] and overrides.get("ema_warmup") is None:
         values["ema_warmup"] = False  # no average (e.g. --ema_momentum=0): nothing to warm up

@@ -408,9 +408,11 @@ class TrainConfig:
         recipe's value); the others are passed on as they are.
         """
         decided = {k: kwargs.pop(k) for k in list(kwargs) if k in recipes.ARTICLE}
+        capsules = kwargs.get("model", cls.model) == "capsules"
         return cls(recipe=recipe, **kwargs,
                    **recipes.resolve(recipe, decided, kwargs.get("dataset"),
-                                     kwargs.get("distribute", "none")))
+                                     kwargs.get("distribute", "none"),
+                                     D=kwargs.get("D", cls.D) if capsules else None))
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -502,8 +504,10 @@ def compare_with_saved_config(config, saved, has_checkpoint):
             f"{where} was trained with ema_momentum={saved.get('ema_momentum', 0.0)!r}, this "
             f"run asks for {config.ema_momentum!r}: the average of the weights starts with a "
             f"run, so a run cannot switch it on or off (another value > 0 is taken); pass "
-            f"--ema_momentum={saved.get('ema_momentum', 0.0)!r} to resume it (runs of the "
-            f"paper recipe before 33e7692 had no average), or use another --log_dir")
+            f"--ema_momentum={saved.get('ema_momentum', 0.0)!r} to resume it"
+            + (" (runs of the paper recipe before 33e7692 had no average)"
+               if saved.get("recipe") == "paper" and not saved.get("ema_momentum") else "")
+            + ", or use another --log_dir")
     return diffs + _differences(saved, current, OPTIMIZER_KEYS)
 
 

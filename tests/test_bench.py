@@ -52,11 +52,41 @@ def test_bench_paper_recipe_runs_the_paper_routing():
     assert result["micro_batch_size"] == step.PAPER_MICRO_BATCH_SIZE
 
 
+def test_bench_paper_recipe_times_its_weight_decay_and_average(monkeypatch):
+    from capsem import bench, recipes
+    updates = []
+    original = step.WeightAverage.update
+
+    def counted(self):
+        updates.append(self.momentum)
+        return original(self)
+
+    monkeypatch.setattr(step.WeightAverage, "update", counted)
+    tiny = dict(sizes={"A": 4, "B": 2, "C": 2, "D": 2}, batch_size=2, steps=1, warmup=1,
+                jit=False, recipe="paper")
+    result = bench.run_benchmark(**tiny)
+    # The recipe's AdamW and warmed-up average, as train.py: the average's update is
+    # traced into the timed step.
+    assert result["weight_decay"] == recipes.PAPER["weight_decay"] == 1e-2
+    assert result["ema_momentum"] == recipes.PAPER["ema_momentum"] == 0.999
+    assert updates and set(updates) == {0.999}
+    updates.clear()
+    result = bench.run_benchmark(ema_momentum=0.0, **tiny)
+    assert result["ema_momentum"] == 0.0 and updates == []
+    result = bench.run_benchmark(**dict(tiny, recipe="article"))
+    assert result["weight_decay"] == 0.0 and result["ema_momentum"] == 0.0 and updates == []
+    result = bench.run_benchmark(mode="infer", **tiny)
+    assert result["ema_momentum"] is None and updates == []
+
+
 def test_bench_text_output():
     out = _run_bench("--mode=infer", "--config=small", "--jit=false", "--intra_op_threads=1",
                      *TINY)
     assert "images/s" in out and "peak RSS" in out and "TensorFlow" in out
     assert "threads: intra-op 1 " in out
+    assert "ema_momentum" not in out  # inference: no optimizer, no average
+    out = _run_bench("--mode=train", "--recipe=paper", "--ema_momentum=0", "--jit=false", *TINY)
+    assert "recipe=paper mode=train" in out and "weight_decay=0.01 ema_momentum=0\n" in out
 
 
 def test_configure_threads_sets_pools_and_rejects_late_or_bad_calls():

@@ -88,8 +88,15 @@ def test_a_run_with_an_average_tests_saves_and_delivers_it(tmp_path):
     assert any(differ)
     # The average cannot be switched off (or on) when a run resumes; another momentum is taken.
     with pytest.raises(ConfigError, match=r"ema_momentum=0\.5, this run asks for 0\.0: .*"
-                                          r"pass --ema_momentum=0\.5 to resume it"):
+                                          r"pass --ema_momentum=0\.5 to resume it, or use "
+                                          r"another --log_dir$"):
         training.train(tiny_config(tmp_path, dataset_dir, epochs=3))
+    # Only a paper run saved without an average is told why it may have none.
+    paper = dataclasses.replace(config, recipe="paper")
+    saved = dict(paper.to_dict(), ema_momentum=0.0)
+    with pytest.raises(ConfigError, match=r"pass --ema_momentum=0\.0 to resume it \(runs of "
+                                          r"the paper recipe before 33e7692 had no average\)"):
+        training.compare_with_saved_config(paper, saved, has_checkpoint=True)
     training.train(tiny_config(tmp_path, dataset_dir, epochs=3, ema_momentum=0.25,
                                eval_every_epoch=False))
     assert training.read_saved_config(config.log_dir)["changes"] == [
