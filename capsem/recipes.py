@@ -63,7 +63,8 @@ PAPER = {
     # (docs/results.md 3.9): a constant inverse temperature with the same routing leaves
     # the class activations saturated from the first step. Growth 0.3 per epoch (the cap
     # after 3.3 epochs), measured with batch 32 (docs/results.md 3.10): 98.73% after one
-    # epoch against 98.45% with YuxianMeng's 0.1.
+    # epoch against 98.45% with YuxianMeng's 0.1. These are the small network's (D = 16);
+    # a wider one gets them times 16 / D (`ramp_scale` below; docs/results.md 3.16-3.18).
     "lambda_schedule": "ramp",
     "lambda_start": 1e-3,
     "lambda_growth": 0.3,
