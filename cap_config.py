@@ -60,7 +60,7 @@ flags.DEFINE_float("final_lambda", None,
                    "Paper routing: scale of the inverse temperature schedule "
                    "lambda_t = final_lambda * (1 - 0.95^(t+1)) (--lambda_schedule=iterations), "
                    "or the largest inverse temperature of the ramp. Default: the recipe's "
-                   "(1.0; paper recipe with --D > 16: times 16/D, e.g. 0.5 for the article "
+                   "(article 1.0; paper 0.5, with --D > 16 times 16/D: 0.25 for the article "
                    "network).")
 flags.DEFINE_enum("lambda_schedule", None, ["iterations", "ramp"],
                   "Paper routing's inverse temperature: 'iterations' (final_lambda * "

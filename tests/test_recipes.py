@@ -69,7 +69,7 @@ def test_paper_recipe_fills_in_only_what_is_not_given():
 
 def test_paper_recipe_scales_its_ramp_for_networks_wider_than_the_small_one():
     ramp = [recipes.PAPER[k] for k in recipes.RAMP_KEYS]
-    assert ramp == [1.0, 0.3, 1e-3]  # final_lambda, lambda_growth, lambda_start
+    assert ramp == [0.5, 0.3, 1e-3]  # final_lambda, lambda_growth, lambda_start
 
     def ramp_of(**kwargs):
         config = training.TrainConfig.from_recipe(**kwargs)
@@ -79,16 +79,16 @@ def test_paper_recipe_scales_its_ramp_for_networks_wider_than_the_small_one():
     assert ramp_of(recipe="paper", A=64, B=8, C=16, D=16) == ramp
     assert ramp_of(recipe="paper", D=8) == ramp
     # ... the article network (D=32, TrainConfig's default) gets half of it, 16 / D.
-    np.testing.assert_allclose(ramp_of(recipe="paper"), [0.5, 0.15, 5e-4], rtol=1e-12)
-    np.testing.assert_allclose(ramp_of(recipe="paper", D=64), [0.25, 0.075, 2.5e-4],
+    np.testing.assert_allclose(ramp_of(recipe="paper"), [0.25, 0.15, 5e-4], rtol=1e-12)
+    np.testing.assert_allclose(ramp_of(recipe="paper", D=64), [0.125, 0.075, 2.5e-4],
                                rtol=1e-12)
     # Given values are kept; the article recipe and the CNN baseline are not scaled.
     np.testing.assert_allclose(ramp_of(recipe="paper", final_lambda=0.8), [0.8, 0.15, 5e-4],
                                rtol=1e-12)
     assert ramp_of(recipe="article") == [recipes.ARTICLE[k] for k in recipes.RAMP_KEYS]
     assert ramp_of(recipe="paper", model="cnn") == ramp
-    assert recipes.resolve("paper", {}, D=32)["final_lambda"] == 0.5
-    assert recipes.resolve("paper", {})["final_lambda"] == 1.0  # D unknown
+    assert recipes.resolve("paper", {}, D=32)["final_lambda"] == 0.25
+    assert recipes.resolve("paper", {})["final_lambda"] == 0.5  # D unknown
 
 
 def test_margin_schedules():
@@ -322,7 +322,7 @@ def test_the_average_flags_reach_the_config():
              (["--ema_momentum=0.99", "--ema_warmup"], (0.99, True))]
     values = flags.FLAGS
     # The ramp's scale follows --D (the article network's default D=32: half the ramp).
-    for argv, want in ((["--recipe=paper"], 0.5), (["--recipe=paper", "--D=16"], 1.0),
+    for argv, want in ((["--recipe=paper"], 0.25), (["--recipe=paper", "--D=16"], 0.5),
                        (["--recipe=paper", "--final_lambda=0.7"], 0.7), ([], 1.0)):
         try:
             values(["train.py", *argv])
