@@ -58,7 +58,9 @@ def define_flags():
                        "Training: the momentum of the average of the weights updated after "
                        "every step (capsem.step.WeightAverage, as train.py's --ema_momentum). "
                        "Default: the --recipe's (article 0: none; paper 0.999); 0: no "
-                       "average, to time the step without it.", lower_bound=0.0, upper_bound=1.0)
+                       "average, to time the step without it.")
+    flags.register_validator("ema_momentum", lambda v: v is None or 0.0 <= v < 1.0,
+                             message="--ema_momentum must be in [0, 1) (0: no average)")
     flags.DEFINE_integer("num_classes", 10, "Number of class capsules.", lower_bound=2)
     flags.DEFINE_integer("image_size", 28, "Height and width of the (square) input images.",
                          lower_bound=13)

@@ -87,6 +87,11 @@ def test_bench_text_output():
     assert "ema_momentum" not in out  # inference: no optimizer, no average
     out = _run_bench("--mode=train", "--recipe=paper", "--ema_momentum=0", "--jit=false", *TINY)
     assert "recipe=paper mode=train" in out and "weight_decay=0.01 ema_momentum=0\n" in out
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--ema_momentum=1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "--ema_momentum must be in [0, 1) (0: no average)" in proc.stderr
 
 
 def test_configure_threads_sets_pools_and_rejects_late_or_bad_calls():
