@@ -48,7 +48,7 @@ flags.DEFINE_enum(
     "--transform_stddev, --margin_schedule, "
     "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
     "--lr_decay_max_epochs, --weight_decay, --ema_momentum, --ema_warmup, --random_shift, "
-    "--random_shift_after_epochs, --conv1_batch_norm and "
+    "--random_shift_after_epochs, --random_rotation, --random_scale, --conv1_batch_norm and "
     "--conv1_padding wherever these are not given; config.json records the values used.")
 flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
@@ -120,10 +120,19 @@ flags.DEFINE_float("lr_decay_max_epochs", None,
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
                      "(0: none). Default: the recipe's (article 0, paper 2).", lower_bound=0)
+flags.DEFINE_float("random_rotation", None,
+                   "Rotate MNIST training images by up to this many degrees about their "
+                   "centre (0: none; 0 to 180). Default: the recipe's (article 0, paper 10).",
+                   lower_bound=0, upper_bound=180)
+flags.DEFINE_float("random_scale", None,
+                   "Scale MNIST training images by a random factor in [1 - x, 1 + x] about "
+                   "their centre (0: none; below 1). Default: the recipe's (article 0, paper "
+                   "0.1).", lower_bound=0)
 flags.DEFINE_integer("random_shift_after_epochs", None,
-                     "With --random_shift: the first this many epochs train on the images as "
-                     "they are, the shifts start after them (0: from the first step). Default: "
-                     "the recipe's (article 0, paper 1).", lower_bound=0)
+                     "With --random_shift, --random_rotation or --random_scale: the first this "
+                     "many epochs train on the images as they are, the augmentation starts "
+                     "after them (0: from the first step). Default: the recipe's (article 0, "
+                     "paper 1).", lower_bound=0)
 
 # --- training --------------------------------------------------------------
 flags.DEFINE_integer("batch_size", None,
@@ -140,11 +149,13 @@ flags.DEFINE_enum("distribute", "none", ["none", "mirrored", "multi_worker"],
                   "chief writes --log_dir, which must be shared to resume).")
 flags.DEFINE_integer("eval_batch_size", 100, "Evaluation batch size.", lower_bound=1)
 flags.DEFINE_integer("test_crops", 1,
-                     "smallNORB only: evaluation averages the class activations over this many "
-                     "32x32 crops of each 48x48 resized test image, the paper's multi-crop test "
-                     "(Sec. 5): the centre, then the four corners, then the four edge midpoints "
-                     "(offsets 0, 8, 16). 1: the centre crop only. Each crop costs one forward "
-                     "pass.", lower_bound=1, upper_bound=9)
+                     "Evaluation averages the class activations over this many crops of each "
+                     "test image, the paper's multi-crop test (Sec. 5). smallNORB: 32x32 crops "
+                     "of the 48x48 resized image: the centre, then the four corners, then the "
+                     "four edge midpoints (offsets 0, 8, 16). MNIST, Fashion-MNIST: copies of "
+                     "the image shifted by up to one pixel in the same order (the image, the "
+                     "four diagonal shifts, the four others). 1: the centre crop, the image. "
+                     "Each crop costs one forward pass.", lower_bound=1, upper_bound=9)
 flags.DEFINE_float("learning_rate", None,
                    "Adam learning rate. Default: the recipe's (article 1e-3, paper 2e-2).")
 flags.DEFINE_float("adam_epsilon", 1e-8,
@@ -290,6 +301,7 @@ def config_from_flags(values):
         ema_momentum=values.ema_momentum, ema_warmup=values.ema_warmup,
         random_shift=values.random_shift,
         random_shift_after_epochs=values.random_shift_after_epochs,
+        random_rotation=values.random_rotation, random_scale=values.random_scale,
         conv1_batch_norm=values.conv1_batch_norm,
         conv1_padding=values.conv1_padding,
         model=values.model, dataset=values.dataset, data_source=data_source,

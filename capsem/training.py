@@ -51,7 +51,8 @@ ARCHITECTURE_KEYS = ("dataset", "model", "A", "B", "C", "D", "conv1_batch_norm",
 COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_lambda",
                     "variance_floor", "assignment_gradient", "transform_stddev", "batch_size",
                     "seed", "clip_norm", "margin_schedule", "margin_ramp_epochs",
-                    "random_shift", "random_shift_after_epochs", "data_source",
+                    "random_shift", "random_shift_after_epochs", "random_rotation",
+                    "random_scale", "data_source",
                     "smallnorb_split", "lambda_start", "lambda_growth", "routing_cost")
 
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
@@ -111,9 +112,10 @@ class TrainConfig:
         "familiar" (to match models on familiar viewpoints, as the paper's
         Tab. 2 does) or "all"; ignored with "standard".
       test_crops: evaluation averages the class activations over this many
-        crops of each 48 x 48 resized smallNORB test image (the paper's
-        multi-crop test, Sec. 5; `capsem.datasets.smallnorb_crop_offsets`);
-        1: the centre crop.
+        crops of each test image (the paper's multi-crop test, Sec. 5;
+        `capsem.datasets.test_crop_offsets`): 32 x 32 crops of the 48 x 48
+        resized smallNORB image, copies of an MNIST-like image shifted by up
+        to one pixel; 1: the centre crop (smallNORB), the image (MNIST).
       download: let tensorflow-datasets download and prepare missing data
         (data_source "tfds" only).
       source_dir: directory of the MNIST IDX .gz files the TFRecords are made
@@ -190,8 +192,13 @@ class TrainConfig:
         epochs (the rate goes on decaying at the same pace after it); 0: none.
       random_shift: training images are shifted by up to this many pixels in
         each direction (zero padding, MNIST-like datasets; 0: none).
+      random_rotation: training images are rotated by up to this many degrees
+        about their centre (MNIST-like datasets; 0: none).
+      random_scale: training images are scaled by a factor in
+        [1 - random_scale, 1 + random_scale] (MNIST-like datasets; 0: none).
       random_shift_after_epochs: the first this many epochs train on the
-        images as they are, the shifts start after them (0: from the start).
+        images as they are, the shifts, rotations and scalings start after
+        them (0: from the start).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default, or
         `capsem.step.default_micro_batch_size` of the routing).
       jit_compile: compile the training and evaluation steps (see
@@ -267,6 +274,8 @@ class TrainConfig:
     lr_decay_max_epochs: float = 0.0
     random_shift: int = 0
     random_shift_after_epochs: int = 0
+    random_rotation: float = 0.0
+    random_scale: float = 0.0
     micro_batch_size: int = None
     jit_compile: bool = True
     routing_kernels: str = "auto"
@@ -304,9 +313,6 @@ class TrainConfig:
                 not 1 <= self.test_crops <= datasets.MAX_TEST_CROPS:
             raise ConfigError(f"test_crops must be an integer in [1, {datasets.MAX_TEST_CROPS}]"
                               f", got {self.test_crops!r}")
-        if self.test_crops != 1 and self.dataset != "smallnorb":
-            raise ConfigError(f"test_crops={self.test_crops!r} needs dataset='smallnorb' (it "
-                              f"crops the 48x48 resized images), got {self.dataset!r}")
         if not isinstance(self.download, bool):
             raise ConfigError(f"download must be True or False, got {self.download!r}")
         if self.download and self.data_source != "tfds":
@@ -394,6 +400,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.random_rotation, bool) or \
+                not isinstance(self.random_rotation, (int, float)) \
+                or not 0 <= self.random_rotation <= 180:
+            raise ConfigError(f"random_rotation must be a number of degrees in [0, 180], "
+                              f"got {self.random_rotation!r}")
+        if isinstance(self.random_scale, bool) or not isinstance(self.random_scale, (int, float)) \
+                or not 0 <= self.random_scale < 1:
+            raise ConfigError(f"random_scale must be a number in [0, 1), "
+                              f"got {self.random_scale!r}")
         if self.lr_decay_steps == 0 and self.lr_decay_rate != 1.0 \
                 and not (self.epochs or self.max_steps or self.lr_decay_max_epochs):
             raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
@@ -603,7 +618,8 @@ def describe_test_set(config):
     if config.smallnorb_split != "standard":
         parts.append(f"{config.smallnorb_split} split, {eval_viewpoints(config)} viewpoints")
     if config.test_crops > 1:
-        parts.append(f"{config.test_crops} crops averaged")
+        kind = "crops" if config.dataset == "smallnorb" else "shifted copies"
+        parts.append(f"{config.test_crops} {kind} averaged")
     return f" [{'; '.join(parts)}]" if parts else ""
 
 
@@ -1404,11 +1420,13 @@ class _Trainer:
             logging.info("Saved checkpoint %s (%s)", path, reason)
         return path
 
-    def shift_of_epoch(self, epoch):
-        """The random shift of the training images of (0-based) `epoch`."""
+    def augmentation_of_epoch(self, epoch):
+        """The `make_dataset` augmentation arguments of (0-based) `epoch`."""
         if epoch < self.config.random_shift_after_epochs:
-            return 0
-        return self.config.random_shift
+            return {"random_shift": 0, "random_rotation": 0.0, "random_scale": 0.0}
+        return {"random_shift": self.config.random_shift,
+                "random_rotation": self.config.random_rotation,
+                "random_scale": self.config.random_scale}
 
     def train_dataset(self, epoch, skip):
         ds = datasets.make_dataset(self.config.dataset, "train",
@@ -1416,7 +1434,7 @@ class _Trainer:
                                    data_source=self.config.data_source,
                                    batch_size=self.config.batch_size, training=True,
                                    seed=self.config.seed + epoch,
-                                   random_shift=self.shift_of_epoch(epoch),
+                                   **self.augmentation_of_epoch(epoch),
                                    smallnorb_split=self.config.smallnorb_split,
                                    download=self.config.download)
         return ds.skip(skip) if skip else ds

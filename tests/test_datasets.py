@@ -83,6 +83,44 @@ def test_tfrecord_test_split(tiny):
     assert ds.element_spec[0].shape == (8, 28, 28, 1)
 
 
+def _shifted(image, dy, dx):
+    """A uint8 image moved by (dy, dx) pixels, the uncovered border zero."""
+    out = np.zeros_like(image)
+    height, width = image.shape
+    out[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        image[max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+    return out
+
+
+def test_tfrecord_test_crops_are_shifted_copies(tiny):
+    dataset_dir, content = tiny
+    plain, labels = _collect(datasets.make_dataset("mnist", "test", dataset_dir=dataset_dir,
+                                                   batch_size=8))
+    crops, crop_labels = _collect(datasets.make_dataset("mnist", "test", dataset_dir=dataset_dir,
+                                                        batch_size=8, test_crops=9))
+    assert crops.shape == (N_TEST, 9, 28, 28, 1) and crops.dtype == np.float32
+    np.testing.assert_array_equal(crop_labels, labels)
+    np.testing.assert_array_equal(crops[:, 0], plain)  # the first copy: the image itself
+    # The offsets in the image padded by one pixel: (1, 1) is the image, (0, 0) moves it one
+    # pixel down and right, (2, 1) one pixel up.
+    offsets = datasets.shifted_copy_offsets(9)
+    assert offsets[:5] == ((1, 1), (0, 0), (0, 2), (2, 0), (2, 2))
+    assert set(offsets) == {(r, c) for r in range(3) for c in range(3)}
+    images = content["test"][0]
+    for k, (row, col) in enumerate(offsets):
+        expected = np.stack([_shifted(im, 1 - row, 1 - col) for im in images])
+        np.testing.assert_array_equal(crops[:, k, ..., 0],
+                                      (expected.astype(np.float32) - 128) / 128)
+    assert crops[:, 1, 0].min() == crops[:, 1, 0].max() == -1.0  # padded: the background
+    assert datasets.test_crop_offsets("mnist", 3) == offsets[:3]
+    assert datasets.test_crop_offsets("smallnorb", 3) == datasets.smallnorb_crop_offsets(3)
+    with pytest.raises(DataError, match="applies to test pipelines"):
+        datasets.make_dataset("mnist", "train", dataset_dir=dataset_dir, training=True, seed=1,
+                              test_crops=3)
+    with pytest.raises(DataError, match=r"test_crops must be an int in \[1, 9\], got 10"):
+        datasets.make_dataset("mnist", "test", dataset_dir=dataset_dir, test_crops=10)
+
+
 def test_tfrecord_training_order(tiny):
     dataset_dir, content = tiny
 
@@ -160,7 +198,7 @@ def test_epochs_come_from_memory_in_the_tfrecord_pipelines_order(tiny, monkeypat
         shuffle_buffer=7, random_shift=2))
     parsed = tf.data.TFRecordDataset(path).shuffle(
         7, seed=5, reshuffle_each_iteration=False).map(datasets._parse_record)
-    reference = datasets._with_shifts(parsed, 2, 5, lambda image, label: (
+    reference = datasets._with_augmentation(parsed, 2, 0.0, 0.0, 5, lambda image, label: (
         datasets.preprocess_image(image), tf.cast(label, tf.int32)))
     ref_images, ref_labels = zip(*[(x.numpy(), y.numpy()) for x, y in reference])
     np.testing.assert_array_equal(images, np.stack(ref_images))
@@ -346,6 +384,13 @@ def test_tfds_mnist_like(tfds, name):
         np.testing.assert_array_equal(
             images[0], (raw["image"].numpy().astype(np.float32) - 128) / 128)
         assert labels[0] == raw["label"].numpy()
+        crops, crop_labels = _collect(datasets.make_dataset(name, "test", data_source="tfds",
+                                                            batch_size=4, test_crops=2))
+        assert crops.shape == (10, 2, 28, 28, 1)
+        np.testing.assert_array_equal(crop_labels, labels)
+        np.testing.assert_array_equal(crops[:, 0], images)
+        shifted = _shifted(raw["image"].numpy()[..., 0], 1, 1)  # offset (0, 0)
+        np.testing.assert_array_equal(crops[0, 1, ..., 0], (shifted.astype(np.float32) - 128) / 128)
 
 
 def test_tfds_smallnorb(tfds):

@@ -32,6 +32,14 @@ def test_paper_recipe_shifts_mnist_only():
     paper = training.TrainConfig.from_recipe("paper")
     assert (paper.weight_decay, paper.lr_decay_max_epochs,
             paper.random_shift_after_epochs) == (1e-2, 5.0, 1)
+    # Rotations and scalings: MNIST-like datasets with the paper recipe only.
+    for recipe, dataset, expected in (("paper", "mnist", (10.0, 0.1)),
+                                      ("paper", "fashion_mnist", (10.0, 0.1)),
+                                      ("paper", "smallnorb", (0.0, 0.0)),
+                                      ("article", "mnist", (0.0, 0.0))):
+        config = training.TrainConfig.from_recipe(recipe, dataset=dataset)
+        assert (config.random_rotation, config.random_scale) == expected, (recipe, dataset)
+        config.validate()
 
 
 def test_paper_recipe_averages_the_weights_on_one_device_only():
@@ -201,25 +209,72 @@ def test_random_shift_moves_the_digit_and_keeps_the_background():
     assert np.array_equal(same.numpy(), again.numpy())
 
 
-def test_shifts_start_after_the_epochs_the_config_gives(tmp_path):
+def test_random_affine_image_rotates_and_scales_about_the_centre():
+    image = np.zeros((28, 28, 1), np.uint8)
+    image[6:22, 13:15] = 255  # a vertical bar through the centre
+    pair = tf.constant([4, 1], tf.int64)
+    # No rotation, no scaling: the image itself.
+    same = datasets.random_affine_image(tf.constant(image), 0.0, 0.0, pair).numpy()
+    np.testing.assert_array_equal(same, image)
+    angles, spans = [], []
+    for k in range(30):
+        seed = tf.constant([k, 1], tf.int64)
+        out = datasets.random_affine_image(tf.constant(image), 10.0, 0.0, seed).numpy()
+        assert out.dtype == np.uint8 and out.shape == image.shape
+        np.testing.assert_array_equal(out, datasets.random_affine_image(
+            tf.constant(image), 10.0, 0.0, seed).numpy())  # stateless
+        ys, xs = np.nonzero(out[..., 0] > 127)
+        # The bar stays centred; its tilt is at most 10 degrees.
+        assert abs(ys.mean() - 13.5) < 0.6 and abs(xs.mean() - 13.5) < 0.6
+        slope = np.polyfit(ys, xs, 1)[0]
+        angles.append(np.degrees(np.arctan(slope)))
+        scaled = datasets.random_affine_image(tf.constant(image), 0.0, 0.1, seed).numpy()
+        ys, _ = np.nonzero(scaled[..., 0] > 127)
+        spans.append(ys.max() - ys.min() + 1)
+    assert max(abs(a) for a in angles) <= 10.5 and max(abs(a) for a in angles) > 5
+    assert min(angles) < 0 < max(angles)
+    # Scaled by 0.9-1.1: the bar of 16 pixels is 14-18 long, and not always 16.
+    assert 14 <= min(spans) and max(spans) <= 18 and len(set(spans)) > 1
+
+
+def test_augmentation_starts_after_the_epochs_the_config_gives(tmp_path):
     _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
-    config = tiny_config(tmp_path, dataset_dir, random_shift=2, random_shift_after_epochs=1)
+    config = tiny_config(tmp_path, dataset_dir, random_shift=2, random_shift_after_epochs=1,
+                         random_rotation=10.0, random_scale=0.1)
     trainer = training._Trainer(config, num_train=12)
 
     def images(ds):
         return np.concatenate([x.numpy() for x, _ in ds])
 
-    def expected(epoch, shift):
+    def expected(epoch, shift, rotation=0.0, scale=0.0):
         return images(datasets.make_dataset(
             "mnist", "train", dataset_dir=dataset_dir, data_source="tfrecord", batch_size=4,
-            training=True, seed=config.seed + epoch, random_shift=shift))
+            training=True, seed=config.seed + epoch, random_shift=shift,
+            random_rotation=rotation, random_scale=scale))
 
     first, second = images(trainer.train_dataset(0, 0)), images(trainer.train_dataset(1, 0))
     np.testing.assert_array_equal(first, expected(0, 0))  # the images as they are
-    np.testing.assert_array_equal(second, expected(1, 2))  # shifted
+    np.testing.assert_array_equal(second, expected(1, 2, 10.0, 0.1))  # augmented
+    assert not np.array_equal(second, expected(1, 2))  # rotated and scaled, not only shifted
     assert not np.array_equal(second, expected(1, 0))
+    # Rotations alone (no shift) are applied too.
+    assert not np.array_equal(expected(1, 0, 10.0), expected(1, 0))
     with pytest.raises(ConfigError, match="random_shift_after_epochs must be an integer >= 0"):
         training.TrainConfig(random_shift_after_epochs=-1).validate()
+    for kwargs, message in ((dict(random_rotation=-1.0), r"random_rotation must be a number "
+                                                         r"of degrees in \[0, 180\], got -1.0"),
+                            (dict(random_rotation=float("nan")), "random_rotation must be"),
+                            (dict(random_scale=1.0), r"random_scale must be a number in "
+                                                     r"\[0, 1\), got 1.0")):
+        with pytest.raises(ConfigError, match=message):
+            training.TrainConfig(**kwargs).validate()
+    from capsem.errors import DataError
+    with pytest.raises(DataError, match=r"random_scale must be a number in \[0, 1\)"):
+        datasets.make_dataset("mnist", "train", dataset_dir=dataset_dir, training=True, seed=1,
+                              random_scale=1.5)
+    with pytest.raises(DataError, match="random_rotation applies to MNIST-like datasets"):
+        datasets.make_dataset("smallnorb", "train", data_source="tfds", training=True, seed=1,
+                              random_rotation=5.0)
 
 
 def _two_classes(rng, n):

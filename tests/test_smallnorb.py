@@ -230,6 +230,9 @@ def _config(**kwargs):
 def test_config_validation():
     _config(smallnorb_split="azimuth", eval_viewpoints="familiar", test_crops=9,
             download=True).validate()
+    mnist = _config(dataset="mnist", data_source="tfds", test_crops=2)
+    mnist.validate()
+    assert training.describe_test_set(mnist) == " [2 shifted copies averaged]"
     bad = [
         (dict(smallnorb_split="lighting"), "smallnorb_split must be one of standard, azimuth, "
                                            "elevation, got 'lighting'"),
@@ -237,7 +240,6 @@ def test_config_validation():
          "needs dataset='smallnorb'"),
         (dict(eval_viewpoints="new"), "eval_viewpoints must be one of familiar, novel, all"),
         (dict(test_crops=10), r"test_crops must be an integer in \[1, 9\], got 10"),
-        (dict(dataset="mnist", data_source="tfds", test_crops=2), "needs dataset='smallnorb'"),
         (dict(dataset="mnist", data_source="tfrecord", download=True),
          "download=True needs data_source='tfds'"),
     ]
