@@ -1049,6 +1049,17 @@ def random_affine_image(image, max_rotation, max_scale, seed_pair):
     return tf.ensure_shape(out, shape)
 
 
+def affine_augmentation_problem(random_rotation, random_scale):
+    """What is wrong with `random_affine_image`'s bounds, in one line; None if nothing."""
+    if isinstance(random_rotation, bool) or not isinstance(random_rotation, (int, float)) \
+            or not 0 <= random_rotation <= 180:
+        return f"random_rotation must be a number of degrees in [0, 180], got {random_rotation!r}"
+    if isinstance(random_scale, bool) or not isinstance(random_scale, (int, float)) \
+            or not 0 <= random_scale < 1:
+        return f"random_scale must be a number in [0, 1), got {random_scale!r}"
+    return None
+
+
 def _with_augmentation(ds, max_shift, max_rotation, max_scale, seed, decode):
     """`ds` of (uint8 image, label) decoded by `decode` after a random rotation and
     scaling (`random_affine_image`, where either is > 0), then shift, per example."""
@@ -1558,13 +1569,9 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                 info.input_shape[:2])):
         raise DataError(f"random_shift must be an int in [0, {min(info.input_shape[:2]) // 2})"
                         f" for {info.name}, got {random_shift!r}")
-    if isinstance(random_rotation, bool) or not isinstance(random_rotation, (int, float)) \
-            or not 0 <= random_rotation <= 180:
-        raise DataError(f"random_rotation must be a number of degrees in [0, 180], "
-                        f"got {random_rotation!r}")
-    if isinstance(random_scale, bool) or not isinstance(random_scale, (int, float)) \
-            or not 0 <= random_scale < 1:
-        raise DataError(f"random_scale must be a number in [0, 1), got {random_scale!r}")
+    problem = affine_augmentation_problem(random_rotation, random_scale)
+    if problem:
+        raise DataError(problem)
     for key, value in (("random_shift", random_shift), ("random_rotation", random_rotation),
                        ("random_scale", random_scale)):
         if value and info.name == "smallnorb":

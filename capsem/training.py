@@ -400,15 +400,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.random_rotation, bool) or \
-                not isinstance(self.random_rotation, (int, float)) \
-                or not 0 <= self.random_rotation <= 180:
-            raise ConfigError(f"random_rotation must be a number of degrees in [0, 180], "
-                              f"got {self.random_rotation!r}")
-        if isinstance(self.random_scale, bool) or not isinstance(self.random_scale, (int, float)) \
-                or not 0 <= self.random_scale < 1:
-            raise ConfigError(f"random_scale must be a number in [0, 1), "
-                              f"got {self.random_scale!r}")
+        problem = datasets.affine_augmentation_problem(self.random_rotation, self.random_scale)
+        if problem:
+            raise ConfigError(problem)
         if self.lr_decay_steps == 0 and self.lr_decay_rate != 1.0 \
                 and not (self.epochs or self.max_steps or self.lr_decay_max_epochs):
             raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
