@@ -1196,14 +1196,7 @@ def shifted_copy_offsets(num_crops):
     test accuracy of ten checkpoints of the paper recipe (whose training shifts the
     images by up to 2 pixels; both networks) by 0.08-0.16 points.
 
-    Args:
-      num_crops: an int in [1, MAX_TEST_CROPS].
-
-    Returns:
-      a tuple of `num_crops` (row, column) pairs.
-
-    Raises:
-      DataError: num_crops outside [1, MAX_TEST_CROPS].
+    Arguments, result and errors as `smallnorb_crop_offsets`'s.
     """
     return _crop_grid(2 * TEST_SHIFT, num_crops)
 
