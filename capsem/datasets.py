@@ -1128,7 +1128,8 @@ def _tfrecord_batches(info, split, dataset_dir, training, seed, buffer_size, bat
         return ds.batch(batch_size, drop_remainder=drop_remainder)
     if test_crops > 1:
         offsets = shifted_copy_offsets(test_crops)
-        ds = ds.map(lambda image, label: (_shifted_copies(image, offsets), label))
+        ds = ds.map(lambda image, label: (_shifted_copies(image, offsets), label),
+                    num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(batch_size, drop_remainder=drop_remainder)
     # Preprocessing is elementwise: per batch gives the same numbers as per image.
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
