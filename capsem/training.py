@@ -75,6 +75,18 @@ ROUTING_KEYS = ("routing", "iterations", "stable_routing", "final_lambda", "vari
 
 CONFIG_FILE = "config.json"
 
+#: The value that a run whose config.json lacks a key was trained with: the key
+#: is newer than the code that wrote the file. Every setting that capsem added
+#: after its first config.json (2026-11-26) came with the article's value as the
+#: only behaviour until then: the routing and schedule settings of the recipes
+#: (9d29611 and later: e.g. the rotations of 1278b56, the average of the weights
+#: of 0ce1b5c, ReLU Conv1's padding of cdef525), the capsule network (`model`,
+#: 26b776b) and smallNORB's standard split (`smallnorb_split`, fb9e461).
+#: `read_saved_config` fills them in, so that resuming, evaluating or loading an
+#: older run compares and builds what it computed, not this code's defaults.
+LEGACY_VALUES = dict(recipes.ARTICLE, recipe="article", model="capsules",
+                     smallnorb_split="standard")
+
 #: The paper routing's inverse temperature schedules (`TrainConfig.lambda_schedule`).
 LAMBDA_SCHEDULES = ("iterations", "ramp")
 
@@ -445,6 +457,9 @@ def _ensure_writable_dir(path):
 def read_saved_config(log_dir):
     """The dict of log_dir/config.json, or None when there is none.
 
+    Keys that the file lacks (written before they existed) get their
+    `LEGACY_VALUES`; each one is logged once.
+
     Raises:
       ConfigError: the file exists but is not a readable capsem config.
     """
@@ -458,7 +473,16 @@ def read_saved_config(log_dir):
         raise ConfigError(f"{path} is not a readable capsem config ({e})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} is not a readable capsem config (not a JSON object)")
-    return saved
+    missing = {k: v for k, v in LEGACY_VALUES.items() if k not in saved}
+    if missing and path not in _LEGACY_LOGGED:
+        _LEGACY_LOGGED.add(path)
+        logging.info("%s predates %s; taken as the values that code trained with: %s", path,
+                     ", ".join(sorted(missing)),
+                     ", ".join(f"{k}={v!r}" for k, v in sorted(missing.items())))
+    return {**missing, **saved}
+
+
+_LEGACY_LOGGED = set()  # the config.json paths whose missing keys were logged
 
 
 def _differences(saved, current, keys):

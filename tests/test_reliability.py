@@ -435,3 +435,40 @@ def test_log_dir_of_another_architecture_or_not_writable(tmp_path):
                             f"--log_dir={blocker / 'logs'}", "--max_steps=1"])
     assert out.returncode == 1
     assert f"error: log_dir {blocker / 'logs'} is not writable" in out.stderr
+
+
+def test_a_config_json_that_predates_a_setting_is_read_with_the_value_it_trained_with(
+        tmp_path):
+    """A key that an older capsem did not write (e.g. the rotations of 1278b56) is read as
+    the value that code trained with, not as this code's default: resuming an older paper
+    run with the recipe's new rotations stops, and the tools build what the run computed."""
+    paper = training.TrainConfig.from_recipe("paper", log_dir=str(tmp_path), A=7)
+    assert (paper.random_rotation, paper.random_scale) == (10.0, 0.1)
+    old = {k: v for k, v in paper.to_dict().items()
+           if k not in ("random_rotation", "random_scale")}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(old, f)
+    saved = training.read_saved_config(str(tmp_path))
+    assert (saved["random_rotation"], saved["random_scale"]) == (0.0, 0.0)
+    assert {k: saved[k] for k in old} == old
+    with pytest.raises(ConfigError, match=r"different settings: random_rotation=0\.0 \(this "
+                                          r"run: 10\.0\), random_scale=0\.0 \(this run: "
+                                          r"0\.1\); pass the saved values"):
+        training.compare_with_saved_config(paper, saved, has_checkpoint=True)
+    same = training.TrainConfig.from_recipe("paper", log_dir=str(tmp_path), A=7,
+                                            random_rotation=0, random_scale=0)
+    assert training.compare_with_saved_config(same, saved, has_checkpoint=True) == []
+    # A config.json from before the recipes (9d29611): the article's network and schedule.
+    first = {k: v for k, v in paper.to_dict().items() if k not in training.LEGACY_VALUES}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(first, f)
+    config = training.run_config(str(tmp_path))
+    assert (config.recipe, config.routing, config.conv1_padding, config.ema_momentum,
+            config.model, config.random_shift) == ("article", "article", "same", 0.0,
+                                                   "capsules", 0)
+    assert config.A == 7  # a key the file has is kept
+    with pytest.raises(ConfigError, match=r"different architecture: lambda_schedule="
+                                          r"'iterations' \(this run: 'ramp'\), conv1_padding="
+                                          r"'same' \(this run: 'valid'\); use another"):
+        training.compare_with_saved_config(paper, training.read_saved_config(str(tmp_path)),
+                                           has_checkpoint=True)
