@@ -98,8 +98,7 @@ flags.DEFINE_bool("conv1_batch_norm", None,
 flags.DEFINE_enum("conv1_padding", None, ["same", "valid"],
                   "ReLU Conv1's padding: 'same' (the article: a 14x14 grid for MNIST) or "
                   "'valid' (12x12, YuxianMeng's and yl-1993's PyTorch code); changes the "
-                  "network's grids. Default: the recipe's (article same; paper same, valid on "
-                  "smallNORB).")
+                  "network's grids. Default: the recipe's (article same, paper valid).")
 flags.DEFINE_enum("margin_schedule", None, ["article", "linear"],
                   "Spread-loss margin: 'article' (0.2, +0.1 per epoch, 0.9 after 7 epochs) or "
                   "'linear' (0.2 to 0.9 linearly over --margin_ramp_epochs, the paper). "

@@ -188,11 +188,5 @@ def test_conv1_padding_valid_gives_the_pytorch_grids():
         nets.capsules_net(input_shape=(14, 14, 1), conv1_padding="valid")
     with pytest.raises(ConfigError, match="conv1_padding must be one of"):
         training.TrainConfig(conv1_padding="full").validate()
-    # The paper recipe pads on MNIST-like images (docs/results.md 3.20), not on smallNORB.
-    for dataset, padding in (("mnist", "same"), ("fashion_mnist", "same"),
-                             ("smallnorb", "valid")):
-        assert training.TrainConfig.from_recipe("paper", dataset=dataset).conv1_padding == \
-            padding, dataset
-    assert training.TrainConfig.from_recipe("paper", dataset="smallnorb",
-                                            conv1_padding="same").conv1_padding == "same"
+    assert training.TrainConfig.from_recipe("paper").conv1_padding == "valid"
     assert training.TrainConfig().conv1_padding == "same"
