@@ -470,7 +470,5 @@ def test_a_config_json_that_predates_a_setting_is_read_with_the_value_it_trained
     with pytest.raises(ConfigError, match=r"different architecture: lambda_schedule="
                                           r"'iterations' \(this run: 'ramp'\), conv1_padding="
                                           r"'same' \(this run: 'valid'\); use another"):
-        training.compare_with_saved_config(
-            training.TrainConfig.from_recipe("paper", log_dir=str(tmp_path), A=7,
-                                             conv1_padding="valid"),
-            training.read_saved_config(str(tmp_path)), has_checkpoint=True)
+        training.compare_with_saved_config(paper, training.read_saved_config(str(tmp_path)),
+                                           has_checkpoint=True)
