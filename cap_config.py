@@ -48,7 +48,8 @@ flags.DEFINE_enum(
     "--transform_stddev, --margin_schedule, "
     "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
     "--lr_decay_max_epochs, --weight_decay, --ema_momentum, --ema_warmup, --random_shift, "
-    "--random_shift_after_epochs, --random_rotation, --random_scale, --conv1_batch_norm and "
+    "--random_shift_after_epochs, --random_rotation, --random_scale, --random_elastic, "
+    "--elastic_sigma, --conv1_batch_norm and "
     "--conv1_padding wherever these are not given; config.json records the values used.")
 flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
@@ -128,8 +129,18 @@ flags.DEFINE_float("random_scale", None,
                    "Scale MNIST training images by a random factor in [1 - x, 1 + x] about "
                    "their centre (0: none; below 1). Default: the recipe's (article 0, paper "
                    "0.1).", lower_bound=0)
+flags.DEFINE_float("random_elastic", None,
+                   "Distort MNIST training images elastically (Simard et al. 2003): a random "
+                   "displacement field smoothed by a Gaussian of --elastic_sigma pixels, times "
+                   "this many pixels (their alpha; 0: none; up to 100). Default: the recipe's "
+                   "(article 0, paper 0).", lower_bound=0, upper_bound=100)
+flags.DEFINE_float("elastic_sigma", None,
+                   "With --random_elastic: the smoothing Gaussian's standard deviation in "
+                   "pixels (0.5 to 20). Default: the recipe's (4, Simard et al. 2003's).",
+                   lower_bound=0.5, upper_bound=20)
 flags.DEFINE_integer("random_shift_after_epochs", None,
-                     "With --random_shift, --random_rotation or --random_scale: the first this "
+                     "With --random_shift, --random_rotation, --random_scale or "
+                     "--random_elastic: the first this "
                      "many epochs train on the images as they are, the augmentation starts "
                      "after them (0: from the first step). Default: the recipe's (article 0, "
                      "paper 1).", lower_bound=0)
@@ -302,6 +313,7 @@ def config_from_flags(values):
         random_shift=values.random_shift,
         random_shift_after_epochs=values.random_shift_after_epochs,
         random_rotation=values.random_rotation, random_scale=values.random_scale,
+        random_elastic=values.random_elastic, elastic_sigma=values.elastic_sigma,
         conv1_batch_norm=values.conv1_batch_norm,
         conv1_padding=values.conv1_padding,
         model=values.model, dataset=values.dataset, data_source=data_source,

@@ -62,6 +62,7 @@ __all__ = [
     "epoch_order",
     "random_shift_image",
     "random_affine_image",
+    "random_elastic_image",
     "SMALLNORB_SPLITS",
     "VIEWPOINTS",
     "MAX_TEST_CROPS",
@@ -1049,6 +1050,73 @@ def random_affine_image(image, max_rotation, max_scale, seed_pair):
     return tf.ensure_shape(out, shape)
 
 
+def _gaussian_kernel(sigma):
+    """A normalised 1-D Gaussian of standard deviation `sigma` pixels, cut at 3 sigma."""
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def random_elastic_image(image, alpha, sigma, seed_pair):
+    """Distorts a uint8 image `(H, W, C)` with a random smooth displacement field.
+
+    The elastic distortions of Simard, Steinkraus & Platt 2003 ("Best practices
+    for convolutional neural networks applied to visual document analysis",
+    Sec. 2): a displacement drawn uniformly in [-1, 1] for each pixel and axis,
+    smoothed by a Gaussian of standard deviation `sigma` pixels (zeros beyond
+    the image) and multiplied by `alpha`; each output pixel (x, y) reads the
+    input at (x + dx, y + dy), bilinearly, zeros (the background) outside the
+    image, rounded back to uint8. Simard's MNIST values: sigma 4, alpha 34.
+    Stateless: the same `seed_pair` gives the same field (drawn from a seed
+    folded from it, so the rotation, scale and shift drawn from `seed_pair`
+    are those drawn without this distortion). `random_elastic`,
+    `elastic_sigma` in `capsem.training.TrainConfig`, measured in
+    docs/results.md 3.21.
+    """
+    shape = image.shape
+    height, width = int(shape[0]), int(shape[1])
+    field = tf.random.stateless_uniform(
+        [1, height, width, 2], seed=tf.random.experimental.stateless_fold_in(seed_pair, 11),
+        minval=-1.0, maxval=1.0)  # (1, H, W, 2): dy, dx
+    kernel = tf.constant(_gaussian_kernel(sigma))  # (k,)
+    size = int(kernel.shape[0])
+    # Separable smoothing, each axis of the field on its own (depthwise), zero-padded.
+    rows = tf.tile(tf.reshape(kernel, [size, 1, 1, 1]), [1, 1, 2, 1])  # (k, 1, 2, 1)
+    cols = tf.tile(tf.reshape(kernel, [1, size, 1, 1]), [1, 1, 2, 1])  # (1, k, 2, 1)
+    field = tf.nn.depthwise_conv2d(field, rows, [1, 1, 1, 1], "SAME")
+    field = tf.nn.depthwise_conv2d(field, cols, [1, 1, 1, 1], "SAME")[0] * alpha  # (H, W, 2)
+    grid_y, grid_x = tf.meshgrid(tf.range(height, dtype=tf.float32),
+                                 tf.range(width, dtype=tf.float32), indexing="ij")  # (H, W)
+    # Source coordinates, clipped to the ring of background around the image.
+    y = tf.clip_by_value(grid_y + field[..., 0], -1.0, float(height))  # (H, W)
+    x = tf.clip_by_value(grid_x + field[..., 1], -1.0, float(width))  # (H, W)
+    y0, x0 = tf.floor(y), tf.floor(x)
+    wy, wx = (y - y0)[..., None], (x - x0)[..., None]  # (H, W, 1)
+    # The image with a ring of zeros: source row r is padded row r + 1.
+    padded = tf.pad(tf.cast(image, tf.float32), [[1, 2], [1, 2], [0, 0]])  # (H+3, W+3, C)
+    iy0, ix0 = tf.cast(y0, tf.int32) + 1, tf.cast(x0, tf.int32) + 1  # (H, W)
+
+    def read(iy, ix):
+        return tf.gather_nd(padded, tf.stack([iy, ix], axis=-1))  # (H, W, C)
+
+    out = ((1 - wy) * ((1 - wx) * read(iy0, ix0) + wx * read(iy0, ix0 + 1))
+           + wy * ((1 - wx) * read(iy0 + 1, ix0) + wx * read(iy0 + 1, ix0 + 1)))
+    out = tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(out, shape)
+
+
+def elastic_augmentation_problem(random_elastic, elastic_sigma):
+    """What is wrong with `random_elastic_image`'s settings, in one line; None if nothing."""
+    if isinstance(random_elastic, bool) or not isinstance(random_elastic, (int, float)) \
+            or not 0 <= random_elastic <= 100:
+        return f"random_elastic must be a number of pixels in [0, 100], got {random_elastic!r}"
+    if isinstance(elastic_sigma, bool) or not isinstance(elastic_sigma, (int, float)) \
+            or not 0.5 <= elastic_sigma <= 20:
+        return f"elastic_sigma must be a number of pixels in [0.5, 20], got {elastic_sigma!r}"
+    return None
+
+
 def affine_augmentation_problem(random_rotation, random_scale):
     """What is wrong with `random_affine_image`'s bounds, in one line; None if nothing."""
     if isinstance(random_rotation, bool) or not isinstance(random_rotation, (int, float)) \
@@ -1060,18 +1128,30 @@ def affine_augmentation_problem(random_rotation, random_scale):
     return None
 
 
-def _with_augmentation(ds, max_shift, max_rotation, max_scale, seed, decode):
+def _augments(augment):
+    """Whether `make_dataset`'s augmentation arguments change the training images."""
+    return bool(augment["random_shift"] or augment["random_rotation"]
+                or augment["random_scale"] or augment["random_elastic"])
+
+
+def _with_augmentation(ds, augment, seed, decode):
     """`ds` of (uint8 image, label) decoded by `decode` after a random rotation and
-    scaling (`random_affine_image`, where either is > 0), then shift, per example."""
+    scaling (`random_affine_image`, where either is > 0), an elastic distortion
+    (`random_elastic_image`, where `random_elastic` > 0), then shift, per example.
+    `augment`: `make_dataset`'s augmentation arguments, by name."""
     base = tf.constant([seed if seed is not None else 0, _AUGMENT_SEED_SALT + 1], tf.int64)
 
     def augmented(index, example):
         image, label = example
         pair = tf.random.experimental.stateless_fold_in(base, index)
-        if max_rotation or max_scale:
-            image = random_affine_image(image, max_rotation, max_scale, pair)
-        if max_shift:
-            image = random_shift_image(image, max_shift, pair)
+        if augment["random_rotation"] or augment["random_scale"]:
+            image = random_affine_image(image, augment["random_rotation"],
+                                        augment["random_scale"], pair)
+        if augment["random_elastic"]:
+            image = random_elastic_image(image, augment["random_elastic"],
+                                         augment["elastic_sigma"], pair)
+        if augment["random_shift"]:
+            image = random_shift_image(image, augment["random_shift"], pair)
         return decode(image, label)
 
     return ds.enumerate().map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
@@ -1096,8 +1176,7 @@ def epoch_order(n, buffer_size, seed):
 
 
 def _tfrecord_batches(info, split, dataset_dir, training, seed, buffer_size, batch_size,
-                      drop_remainder, random_shift=0, test_crops=1, random_rotation=0.0,
-                      random_scale=0.0):
+                      drop_remainder, augment, test_crops=1):
     """The batches of an MNIST TFRecord split, from its images decoded once into memory.
 
     A training pass visits the examples in `epoch_order` with ``buffer_size``
@@ -1122,8 +1201,8 @@ def _tfrecord_batches(info, split, dataset_dir, training, seed, buffer_size, bat
         order = epoch_order(len(labels), buffer_size, seed)
         images, labels = images[order], labels[order]
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    if training and (random_shift or random_rotation or random_scale):
-        ds = _with_augmentation(ds, random_shift, random_rotation, random_scale, seed,
+    if training and _augments(augment):
+        ds = _with_augmentation(ds, augment, seed,
                                 lambda image, label: (preprocess_image(image), label))
         return ds.batch(batch_size, drop_remainder=drop_remainder)
     if test_crops > 1:
@@ -1410,9 +1489,8 @@ def tfds_split_sizes(name, dataset_dir=None, *, smallnorb_split="standard", view
     return sizes
 
 
-def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random_shift=0,
-                   smallnorb_split="standard", viewpoints=None, test_crops=1, download=False,
-                   random_rotation=0.0, random_scale=0.0):
+def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, augment,
+                   smallnorb_split="standard", viewpoints=None, test_crops=1, download=False):
     ds = _tfds_load(info, split, dataset_dir, download)
     if info.name == "smallnorb":
         keep = smallnorb_viewpoint_filter(
@@ -1452,8 +1530,8 @@ def _tfds_examples(info, split, dataset_dir, training, seed, buffer_size, random
         image = tf.ensure_shape(image, info.input_shape)
         return preprocess_image(image), tf.cast(label, tf.int32)
 
-    if training and (random_shift or random_rotation or random_scale):
-        return _with_augmentation(ds, random_shift, random_rotation, random_scale, seed, decode)
+    if training and _augments(augment):
+        return _with_augmentation(ds, augment, seed, decode)
     if test_crops > 1:
         offsets = shifted_copy_offsets(test_crops)
 
@@ -1478,7 +1556,8 @@ def _check_positive_int(name, value, allow_none=False):
 def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch_size=24,
                  training=False, seed=None, shuffle_buffer=None, drop_remainder=False,
                  random_shift=0, smallnorb_split="standard", viewpoints=None, test_crops=1,
-                 download=False, random_rotation=0.0, random_scale=0.0):
+                 download=False, random_rotation=0.0, random_scale=0.0, random_elastic=0.0,
+                 elastic_sigma=4.0):
     """Builds the batched input pipeline of a dataset split.
 
     'tfrecord' (MNIST only) reads ``dataset_dir/mnist_{split}.tfrecord`` (written
@@ -1517,6 +1596,11 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
         rotate every image by up to this many degrees and scale it by a factor
         in [1 - random_scale, 1 + random_scale] (`random_affine_image`, before
         the shift); 0: none.
+      random_elastic, elastic_sigma: when training on MNIST or Fashion-MNIST,
+        distort every image elastically: a random displacement field smoothed
+        by a Gaussian of ``elastic_sigma`` pixels and scaled by
+        ``random_elastic`` (`random_elastic_image`, after the rotation and
+        before the shift; Simard et al. 2003: 34 and 4); 0: none.
       smallnorb_split: smallNORB only: 'standard' (the dataset's train/test
         split), or the paper's novel-viewpoint experiments (Sec. 5.1,
         `smallnorb_viewpoint_filter`): 'azimuth' (familiar: azimuths 300 to 40
@@ -1563,11 +1647,15 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                 info.input_shape[:2])):
         raise DataError(f"random_shift must be an int in [0, {min(info.input_shape[:2]) // 2})"
                         f" for {info.name}, got {random_shift!r}")
-    problem = affine_augmentation_problem(random_rotation, random_scale)
+    problem = (affine_augmentation_problem(random_rotation, random_scale)
+               or elastic_augmentation_problem(random_elastic, elastic_sigma))
     if problem:
         raise DataError(problem)
-    for key, value in (("random_shift", random_shift), ("random_rotation", random_rotation),
-                       ("random_scale", random_scale)):
+    augment = {"random_shift": random_shift, "random_rotation": random_rotation,
+               "random_scale": random_scale, "random_elastic": random_elastic,
+               "elastic_sigma": elastic_sigma}
+    for key in ("random_shift", "random_rotation", "random_scale", "random_elastic"):
+        value = augment[key]
         if value and info.name == "smallnorb":
             raise DataError(f"{key} applies to MNIST-like datasets; smallnorb is augmented "
                             f"with random crops already")
@@ -1587,12 +1675,10 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                 "(tensorflow-datasets' 'smallnorb')"
             )
         ds = _tfrecord_batches(info, split, dataset_dir, training, seed, buffer_size,
-                               batch_size, drop_remainder, random_shift, test_crops,
-                               random_rotation, random_scale)
+                               batch_size, drop_remainder, augment, test_crops)
     else:
         ds = _tfds_examples(info, split, dataset_dir, training, seed, buffer_size,
-                            random_shift, smallnorb_split, viewpoints, test_crops, download,
-                            random_rotation, random_scale)
+                            augment, smallnorb_split, viewpoints, test_crops, download)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     # tf.data's autotuning off: with it, ending an epoch's iterator while the training step
     # holds the cores waited 6-8 s in half of the epochs (docs/data_pipeline.md); the data

@@ -52,7 +52,7 @@ COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_
                     "variance_floor", "assignment_gradient", "transform_stddev", "batch_size",
                     "seed", "clip_norm", "margin_schedule", "margin_ramp_epochs",
                     "random_shift", "random_shift_after_epochs", "random_rotation",
-                    "random_scale", "data_source",
+                    "random_scale", "random_elastic", "elastic_sigma", "data_source",
                     "smallnorb_split", "lambda_start", "lambda_growth", "routing_cost")
 
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
@@ -208,9 +208,13 @@ class TrainConfig:
         about their centre (MNIST-like datasets; 0: none).
       random_scale: training images are scaled by a factor in
         [1 - random_scale, 1 + random_scale] (MNIST-like datasets; 0: none).
+      random_elastic: training images are distorted by a random displacement
+        field of this scale in pixels (Simard et al. 2003's alpha, smoothed
+        by a Gaussian of `elastic_sigma` pixels; MNIST-like datasets; 0: none).
+      elastic_sigma: the standard deviation in pixels of that Gaussian.
       random_shift_after_epochs: the first this many epochs train on the
-        images as they are, the shifts, rotations and scalings start after
-        them (0: from the start).
+        images as they are, the shifts, rotations, scalings and elastic
+        distortions start after them (0: from the start).
       micro_batch_size: gradient micro-batch size (None: TrainStep's default, or
         `capsem.step.default_micro_batch_size` of the routing).
       jit_compile: compile the training and evaluation steps (see
@@ -288,6 +292,8 @@ class TrainConfig:
     random_shift_after_epochs: int = 0
     random_rotation: float = 0.0
     random_scale: float = 0.0
+    random_elastic: float = 0.0
+    elastic_sigma: float = 4.0
     micro_batch_size: int = None
     jit_compile: bool = True
     routing_kernels: str = "auto"
@@ -412,7 +418,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        problem = datasets.affine_augmentation_problem(self.random_rotation, self.random_scale)
+        problem = (datasets.affine_augmentation_problem(self.random_rotation, self.random_scale)
+                   or datasets.elastic_augmentation_problem(self.random_elastic,
+                                                            self.elastic_sigma))
         if problem:
             raise ConfigError(problem)
         if self.lr_decay_steps == 0 and self.lr_decay_rate != 1.0 \
@@ -1441,10 +1449,13 @@ class _Trainer:
     def augmentation_of_epoch(self, epoch):
         """The `make_dataset` augmentation arguments of (0-based) `epoch`."""
         if epoch < self.config.random_shift_after_epochs:
-            return {"random_shift": 0, "random_rotation": 0.0, "random_scale": 0.0}
+            return {"random_shift": 0, "random_rotation": 0.0, "random_scale": 0.0,
+                    "random_elastic": 0.0}
         return {"random_shift": self.config.random_shift,
                 "random_rotation": self.config.random_rotation,
-                "random_scale": self.config.random_scale}
+                "random_scale": self.config.random_scale,
+                "random_elastic": self.config.random_elastic,
+                "elastic_sigma": self.config.elastic_sigma}
 
     def train_dataset(self, epoch, skip):
         ds = datasets.make_dataset(self.config.dataset, "train",

@@ -198,7 +198,9 @@ def test_epochs_come_from_memory_in_the_tfrecord_pipelines_order(tiny, monkeypat
         shuffle_buffer=7, random_shift=2))
     parsed = tf.data.TFRecordDataset(path).shuffle(
         7, seed=5, reshuffle_each_iteration=False).map(datasets._parse_record)
-    reference = datasets._with_augmentation(parsed, 2, 0.0, 0.0, 5, lambda image, label: (
+    augment = {"random_shift": 2, "random_rotation": 0.0, "random_scale": 0.0,
+               "random_elastic": 0.0, "elastic_sigma": 4.0}
+    reference = datasets._with_augmentation(parsed, augment, 5, lambda image, label: (
         datasets.preprocess_image(image), tf.cast(label, tf.int32)))
     ref_images, ref_labels = zip(*[(x.numpy(), y.numpy()) for x, y in reference])
     np.testing.assert_array_equal(images, np.stack(ref_images))

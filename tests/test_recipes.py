@@ -237,6 +237,61 @@ def test_random_affine_image_rotates_and_scales_about_the_centre():
     assert 14 <= min(spans) and max(spans) <= 18 and len(set(spans)) > 1
 
 
+def _elastic_reference(image, alpha, sigma, field):
+    """float64 numpy: Simard et al.'s elastic distortion of `image` (H, W, C) by the
+    uniform draws `field` (H, W, 2) (dy, dx), before rounding."""
+    height, width = image.shape[:2]
+    radius = int(np.ceil(3 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    # Zeros beyond the image: the field padded by the kernel's radius on each side.
+    padded = np.pad(field, [(radius, radius), (radius, radius), (0, 0)])
+    rows = sum(t * padded[k:k + height] for k, t in enumerate(taps))  # (H, W + 2r, 2)
+    smooth = alpha * sum(t * rows[:, k:k + width] for k, t in enumerate(taps))  # (H, W, 2)
+    out = np.zeros(image.shape, np.float64)
+    for i in range(height):
+        for j in range(width):
+            y, x = i + smooth[i, j, 0], j + smooth[i, j, 1]
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+                for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+                    if 0 <= yy < height and 0 <= xx < width:  # outside: the background, 0
+                        out[i, j] += wy * wx * image[yy, xx]
+    return out
+
+
+def test_random_elastic_image_against_a_numpy_reference():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(13, 11, 2)).astype(np.uint8)  # odd, 2 channels
+    for alpha, sigma, k in ((34.0, 4.0, 0), (8.0, 1.5, 1), (3.0, 0.7, 2)):
+        pair = tf.constant([k, 5], tf.int64)
+        out = datasets.random_elastic_image(tf.constant(image), alpha, sigma, pair).numpy()
+        assert out.dtype == np.uint8 and out.shape == image.shape
+        # The field: the uniform draws of the seed folded with 11 (the docstring's contract).
+        field = tf.random.stateless_uniform(
+            [1, 13, 11, 2], seed=tf.random.experimental.stateless_fold_in(pair, 11),
+            minval=-1.0, maxval=1.0).numpy()[0].astype(np.float64)
+        want = _elastic_reference(image.astype(np.float64), alpha, sigma, field)
+        assert np.abs(out - want).max() <= 0.5 + 1e-3, (alpha, sigma)  # rounded, float32
+        np.testing.assert_array_equal(out, datasets.random_elastic_image(
+            tf.constant(image), alpha, sigma, pair).numpy())  # stateless
+        assert np.abs(out.astype(int) - image).mean() > 5  # it did move the pixels
+    # alpha 0 is the image itself; another seed, another field.
+    pair = tf.constant([1, 2], tf.int64)
+    np.testing.assert_array_equal(
+        datasets.random_elastic_image(tf.constant(image), 0.0, 4.0, pair).numpy(), image)
+    digit = np.zeros((28, 28, 1), np.uint8)
+    digit[6:22, 12:16] = 255
+    outs = [datasets.random_elastic_image(tf.constant(digit), 34.0, 4.0,
+                                          tf.constant([k, 2], tf.int64)).numpy()
+            for k in range(10)]
+    assert len({o.tobytes() for o in outs}) == 10
+    for out in outs:  # Simard's values bend and stretch the bar by pixels
+        moved = np.abs(np.nonzero(out[..., 0] > 127)[1].mean() - 13.5)
+        assert moved < 4 and 0.6 < out.sum() / digit.sum() < 1.4
+    assert max(np.abs(o.astype(int) - digit).sum() for o in outs) > 20 * 255
+
+
 def test_augmentation_starts_after_the_epochs_the_config_gives(tmp_path):
     _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
     config = tiny_config(tmp_path, dataset_dir, random_shift=2, random_shift_after_epochs=1,
@@ -259,6 +314,18 @@ def test_augmentation_starts_after_the_epochs_the_config_gives(tmp_path):
     assert not np.array_equal(second, expected(1, 0))
     # Rotations alone (no shift) are applied too.
     assert not np.array_equal(expected(1, 0, 10.0), expected(1, 0))
+    # Elastic distortions, from the same epoch on, on top of the others.
+    config = tiny_config(tmp_path, dataset_dir, random_shift=2, random_shift_after_epochs=1,
+                         random_rotation=10.0, random_scale=0.1, random_elastic=20.0,
+                         elastic_sigma=3.0)
+    trainer = training._Trainer(config, num_train=12)
+    np.testing.assert_array_equal(images(trainer.train_dataset(0, 0)), expected(0, 0))
+    elastic = images(trainer.train_dataset(1, 0))
+    np.testing.assert_array_equal(elastic, images(datasets.make_dataset(
+        "mnist", "train", dataset_dir=dataset_dir, data_source="tfrecord", batch_size=4,
+        training=True, seed=config.seed + 1, random_shift=2, random_rotation=10.0,
+        random_scale=0.1, random_elastic=20.0, elastic_sigma=3.0)))
+    assert not np.array_equal(elastic, second)
     with pytest.raises(ConfigError, match="random_shift_after_epochs must be an integer >= 0"):
         training.TrainConfig(random_shift_after_epochs=-1).validate()
     for kwargs, message in ((dict(random_rotation=-1.0), r"random_rotation must be a number "
@@ -268,6 +335,14 @@ def test_augmentation_starts_after_the_epochs_the_config_gives(tmp_path):
                                                      r"\[0, 1\), got 1.0")):
         with pytest.raises(ConfigError, match=message):
             training.TrainConfig(**kwargs).validate()
+    for kwargs, message in ((dict(random_elastic=-1.0), r"random_elastic must be a number "
+                                                        r"of pixels in \[0, 100\], got -1.0"),
+                            (dict(random_elastic=True), "random_elastic must be"),
+                            (dict(random_elastic=34.0, elastic_sigma=0.0),
+                             r"elastic_sigma must be a number of pixels in \[0.5, 20\], "
+                             r"got 0.0")):
+        with pytest.raises(ConfigError, match=message):
+            training.TrainConfig(**kwargs).validate()
     from capsem.errors import DataError
     with pytest.raises(DataError, match=r"random_scale must be a number in \[0, 1\)"):
         datasets.make_dataset("mnist", "train", dataset_dir=dataset_dir, training=True, seed=1,
@@ -275,6 +350,12 @@ def test_augmentation_starts_after_the_epochs_the_config_gives(tmp_path):
     with pytest.raises(DataError, match="random_rotation applies to MNIST-like datasets"):
         datasets.make_dataset("smallnorb", "train", data_source="tfds", training=True, seed=1,
                               random_rotation=5.0)
+    with pytest.raises(DataError, match="random_elastic applies to MNIST-like datasets"):
+        datasets.make_dataset("smallnorb", "train", data_source="tfds", training=True, seed=1,
+                              random_elastic=34.0)
+    with pytest.raises(DataError, match=r"elastic_sigma must be a number of pixels"):
+        datasets.make_dataset("mnist", "train", dataset_dir=dataset_dir, training=True, seed=1,
+                              random_elastic=34.0, elastic_sigma=50.0)
 
 
 def _two_classes(rng, n):
@@ -392,3 +473,13 @@ def test_the_average_flags_reach_the_config():
         finally:
             values.unparse_flags()
         assert (config.ema_momentum, config.ema_warmup) == want, argv
+    # Elastic distortions: off in both recipes, sigma 4 unless given.
+    for argv, want in ((["--recipe=paper"], (0.0, 4.0)), ([], (0.0, 4.0)),
+                       (["--recipe=paper", "--random_elastic=34"], (34.0, 4.0)),
+                       (["--random_elastic=20", "--elastic_sigma=6"], (20.0, 6.0))):
+        try:
+            values(["train.py", *argv])
+            config = cap_config.config_from_flags(values)
+        finally:
+            values.unparse_flags()
+        assert (config.random_elastic, config.elastic_sigma) == want, argv
