@@ -47,7 +47,8 @@ flags.DEFINE_enum(
     "--lambda_growth, --routing_cost, --variance_floor, --assignment_gradient, --batch_size, "
     "--transform_stddev, --margin_schedule, "
     "--margin_ramp_epochs, --learning_rate, --lr_decay_rate, --lr_decay_steps, "
-    "--lr_decay_max_epochs, --weight_decay, --ema_momentum, --ema_warmup, --random_shift, "
+    "--lr_decay_max_epochs, --lr_decay_min_epochs, --weight_decay, --ema_momentum, "
+    "--ema_warmup, --random_shift, "
     "--random_shift_after_epochs, --random_rotation, --random_scale, --random_elastic, "
     "--elastic_sigma, --conv1_batch_norm and "
     "--conv1_padding wherever these are not given; config.json records the values used.")
@@ -118,6 +119,11 @@ flags.DEFINE_float("lr_decay_max_epochs", None,
                    "With --lr_decay_steps=0: the decay spans the run, but at most this many "
                    "epochs (the rate goes on decaying at the same pace after them); 0: no "
                    "limit. Default: the recipe's (article 0, paper 5).", lower_bound=0)
+flags.DEFINE_float("lr_decay_min_epochs", None,
+                   "With --lr_decay_steps=0: the decay spans the run, but at least this many "
+                   "epochs (a shorter run decays at the pace of a run this long, its rate "
+                   "ending above --learning_rate x --lr_decay_rate); 0: none. Default: the "
+                   "recipe's (article 0, paper 5).", lower_bound=0)
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
                      "(0: none). Default: the recipe's (article 0, paper 2).", lower_bound=0)
@@ -308,7 +314,8 @@ def config_from_flags(values):
         assignment_gradient=values.assignment_gradient, margin_schedule=values.margin_schedule,
         margin_ramp_epochs=values.margin_ramp_epochs, learning_rate=values.learning_rate,
         lr_decay_rate=values.lr_decay_rate, lr_decay_steps=values.lr_decay_steps,
-        lr_decay_max_epochs=values.lr_decay_max_epochs, weight_decay=values.weight_decay,
+        lr_decay_max_epochs=values.lr_decay_max_epochs,
+        lr_decay_min_epochs=values.lr_decay_min_epochs, weight_decay=values.weight_decay,
         ema_momentum=values.ema_momentum, ema_warmup=values.ema_warmup,
         random_shift=values.random_shift,
         random_shift_after_epochs=values.random_shift_after_epochs,

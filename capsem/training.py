@@ -58,7 +58,8 @@ COMPUTATION_KEYS = ("routing", "recipe", "iterations", "stable_routing", "final_
 #: Optimizer hyper-parameters: a new value takes effect when a run resumes
 #: (assigned after the restore, logged and recorded in config.json).
 OPTIMIZER_KEYS = ("learning_rate", "adam_epsilon", "lr_decay_rate", "lr_decay_steps",
-                  "lr_decay_max_epochs", "weight_decay", "ema_momentum", "ema_warmup")
+                  "lr_decay_max_epochs", "lr_decay_min_epochs", "weight_decay", "ema_momentum",
+                  "ema_warmup")
 
 #: The fields `evaluate` takes from the log_dir's config.json unless they are
 #: given explicitly: what builds the network and its evaluation margin.
@@ -202,6 +203,9 @@ class TrainConfig:
         `lr_decay_max_epochs` epochs if that is sooner.
       lr_decay_max_epochs: with `lr_decay_steps` 0, the longest decay span in
         epochs (the rate goes on decaying at the same pace after it); 0: none.
+      lr_decay_min_epochs: with `lr_decay_steps` 0, the shortest decay span in
+        epochs: a shorter run decays at the pace of a run this long (its rate
+        ends above `learning_rate * lr_decay_rate`); 0: none.
       random_shift: training images are shifted by up to this many pixels in
         each direction (zero padding, MNIST-like datasets; 0: none).
       random_rotation: training images are rotated by up to this many degrees
@@ -288,6 +292,7 @@ class TrainConfig:
     lr_decay_rate: float = 1.0
     lr_decay_steps: int = 20000
     lr_decay_max_epochs: float = 0.0
+    lr_decay_min_epochs: float = 0.0
     random_shift: int = 0
     random_shift_after_epochs: int = 0
     random_rotation: float = 0.0
@@ -360,9 +365,14 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("clip_norm", "summary_secs", "histogram_secs", "checkpoint_secs",
-                     "log_every_secs", "weight_decay", "lr_decay_max_epochs"):
+                     "log_every_secs", "weight_decay", "lr_decay_max_epochs",
+                     "lr_decay_min_epochs"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lr_decay_max_epochs and self.lr_decay_min_epochs > self.lr_decay_max_epochs:
+            raise ConfigError(f"lr_decay_min_epochs ({self.lr_decay_min_epochs!r}) must not "
+                              f"exceed lr_decay_max_epochs ({self.lr_decay_max_epochs!r}; "
+                              f"0: no limit)")
         if not 0 <= self.ema_momentum < 1:
             raise ConfigError(f"ema_momentum must be in [0, 1) (0: no average), got "
                               f"{self.ema_momentum!r}")
@@ -424,7 +434,8 @@ class TrainConfig:
         if problem:
             raise ConfigError(problem)
         if self.lr_decay_steps == 0 and self.lr_decay_rate != 1.0 \
-                and not (self.epochs or self.max_steps or self.lr_decay_max_epochs):
+                and not (self.epochs or self.max_steps or self.lr_decay_max_epochs
+                         or self.lr_decay_min_epochs):
             raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
                               "which needs a length: give epochs or max_steps (> 0), "
                               "lr_decay_max_epochs > 0, or lr_decay_steps >= 1")
@@ -756,7 +767,8 @@ def learning_rate(config, total_steps=0, steps_per_epoch=0):
       total_steps: the run's last step; the decay's span where
         `config.lr_decay_steps` is 0.
       steps_per_epoch: optimizer steps per epoch; with `config.lr_decay_steps`
-        0, the decay spans at most `config.lr_decay_max_epochs` of them.
+        0, the decay spans at most `config.lr_decay_max_epochs` of them and at
+        least `config.lr_decay_min_epochs`.
 
     Raises:
       ConfigError: `lr_decay_steps` is 0 and neither `total_steps` nor the
@@ -766,13 +778,15 @@ def learning_rate(config, total_steps=0, steps_per_epoch=0):
         return config.learning_rate
     decay_steps = config.lr_decay_steps
     if decay_steps == 0:
-        # The paper recipe's span (capsem.recipes.PAPER): the run, up to 6 epochs.
+        # The paper recipe's span (capsem.recipes.PAPER): the run, clamped to
+        # [lr_decay_min_epochs, lr_decay_max_epochs] epochs (5 and 5: always 5 epochs).
         longest = round(config.lr_decay_max_epochs * steps_per_epoch)
+        shortest = round(config.lr_decay_min_epochs * steps_per_epoch)
         spans = [n for n in (total_steps, longest) if n > 0]
-        if not spans:
+        if not spans and not shortest:
             raise ConfigError("lr_decay_steps=0 decays the learning rate over the whole run, "
                               "which has no last step here: give epochs or max_steps")
-        decay_steps = min(spans)
+        decay_steps = max(min(spans) if spans else 0, shortest)
     # IBM's implementation: tf.train.exponential_decay, not staircased.
     return keras.optimizers.schedules.ExponentialDecay(
         config.learning_rate, decay_steps, config.lr_decay_rate)

@@ -140,17 +140,40 @@ def test_learning_rate_decay_over_the_whole_run():
                                    [4e-4, 4e-5], rtol=1e-6)
     with pytest.raises(ConfigError, match="lr_decay_max_epochs must be >= 0, got -1"):
         training.TrainConfig(lr_decay_max_epochs=-1).validate()
+    # lr_decay_min_epochs: a shorter run decays at the pace of a run that long; with the
+    # paper recipe's 5 and 5 every run decays at one pace (1000 steps per epoch here).
+    paced = training.TrainConfig.from_recipe("paper", learning_rate=4e-3, epochs=1)
+    assert (paced.lr_decay_min_epochs, paced.lr_decay_max_epochs) == (5.0, 5.0)
+    for total in (1000, 3000, 10000, 0):
+        schedule = training.learning_rate(paced, total_steps=total, steps_per_epoch=1000)
+        assert schedule.decay_steps == 5000, total
+        np.testing.assert_allclose([float(schedule(1000)), float(schedule(10000))],
+                                   [4e-3 * 0.1 ** 0.2, 4e-5], rtol=1e-6)
+    floor = training.TrainConfig(lr_decay_rate=0.1, lr_decay_steps=0, lr_decay_min_epochs=2.5,
+                                 epochs=0)
+    floor.validate()  # the floor gives the decay a length too
+    for total, span in ((1000, 2500), (4000, 4000), (0, 2500)):
+        assert training.learning_rate(floor, total_steps=total,
+                                      steps_per_epoch=1000).decay_steps == span, total
+    with pytest.raises(ConfigError, match=r"lr_decay_min_epochs \(6.0\) must not exceed "
+                                          r"lr_decay_max_epochs \(5.0; 0: no limit\)"):
+        training.TrainConfig(lr_decay_min_epochs=6.0, lr_decay_max_epochs=5.0).validate()
+    with pytest.raises(ConfigError, match="lr_decay_min_epochs must be >= 0, got -1"):
+        training.TrainConfig(lr_decay_min_epochs=-1).validate()
     with pytest.raises(ConfigError, match="lr_decay_steps must be an integer >= 0, got -1"):
         training.TrainConfig(lr_decay_steps=-1).validate()
 
 
-@pytest.mark.parametrize("max_epochs, spans", [(0, (6, 9)), (1, (3, 3))])
-def test_training_decays_the_rate_over_the_run_it_is_given(tmp_path, max_epochs, spans):
+@pytest.mark.parametrize("max_epochs, min_epochs, spans",
+                         [(0, 0, (6, 9)), (1, 0, (3, 3)), (0, 4, (12, 12))])
+def test_training_decays_the_rate_over_the_run_it_is_given(tmp_path, max_epochs, min_epochs,
+                                                           spans):
     _, dataset_dir = make_tiny_tfrecords(tmp_path, n_train=12, n_test=10)
     # 12 images, batch 4: 3 steps per epoch, 2 epochs: the rate is 1e-3 * 0.1^(s/6), or
-    # with lr_decay_max_epochs=1 1e-3 * 0.1^(s/3).
+    # with lr_decay_max_epochs=1 1e-3 * 0.1^(s/3), with lr_decay_min_epochs=4
+    # 1e-3 * 0.1^(s/12).
     decay = dict(lr_decay_rate=0.1, lr_decay_steps=0, lr_decay_max_epochs=max_epochs,
-                 eval_every_epoch=False)
+                 lr_decay_min_epochs=min_epochs, eval_every_epoch=False)
     training.train(tiny_config(tmp_path, dataset_dir, **decay))
     rates = dict(read_events(str(tmp_path / "logs"))["train/learning_rate"])
     assert sorted(rates) == [1, 2, 3, 4, 5, 6]
@@ -450,36 +473,31 @@ def test_the_average_flags_reach_the_config():
     import cap_config
     import mnist_config  # noqa: F401  (defines the data flags)
 
-    cases = [(["--recipe=paper"], (0.999, True)),
-             (["--recipe=paper", "--ema_momentum=0"], (0.0, False)),
-             (["--recipe=paper", "--distribute=mirrored"], (0.0, False)),
-             (["--recipe=paper", "--noema_warmup"], (0.999, False)),
-             ([], (0.0, False)),
-             (["--ema_momentum=0.99", "--ema_warmup"], (0.99, True))]
-    values = flags.FLAGS
+    def config_of(argv):
+        try:
+            flags.FLAGS(["train.py", *argv])
+            return cap_config.config_from_flags(flags.FLAGS)
+        finally:
+            flags.FLAGS.unparse_flags()
+
     # The ramp's scale follows --D (the article network's default D=32: half the ramp).
     for argv, want in ((["--recipe=paper"], 0.25), (["--recipe=paper", "--D=16"], 0.5),
                        (["--recipe=paper", "--final_lambda=0.7"], 0.7), ([], 1.0)):
-        try:
-            values(["train.py", *argv])
-            config = cap_config.config_from_flags(values)
-        finally:
-            values.unparse_flags()
-        assert config.final_lambda == want, argv
-    for argv, want in cases:
-        try:
-            values(["train.py", *argv])
-            config = cap_config.config_from_flags(values)
-        finally:
-            values.unparse_flags()
+        assert config_of(argv).final_lambda == want, argv
+    for argv, want in ((["--recipe=paper"], (0.999, True)),
+                       (["--recipe=paper", "--ema_momentum=0"], (0.0, False)),
+                       (["--recipe=paper", "--distribute=mirrored"], (0.0, False)),
+                       (["--recipe=paper", "--noema_warmup"], (0.999, False)),
+                       ([], (0.0, False)),
+                       (["--ema_momentum=0.99", "--ema_warmup"], (0.99, True))):
+        config = config_of(argv)
         assert (config.ema_momentum, config.ema_warmup) == want, argv
-    # Elastic distortions: off in both recipes, sigma 4 unless given.
-    for argv, want in ((["--recipe=paper"], (0.0, 4.0)), ([], (0.0, 4.0)),
-                       (["--recipe=paper", "--random_elastic=34"], (34.0, 4.0)),
-                       (["--random_elastic=20", "--elastic_sigma=6"], (20.0, 6.0))):
-        try:
-            values(["train.py", *argv])
-            config = cap_config.config_from_flags(values)
-        finally:
-            values.unparse_flags()
-        assert (config.random_elastic, config.elastic_sigma) == want, argv
+    # Elastic distortions: off in both recipes, sigma 4 unless given; the decay's shortest
+    # span: the paper recipe's 5 epochs.
+    for argv, want in ((["--recipe=paper"], (0.0, 4.0, 5.0)), ([], (0.0, 4.0, 0.0)),
+                       (["--recipe=paper", "--random_elastic=34"], (34.0, 4.0, 5.0)),
+                       (["--random_elastic=20", "--elastic_sigma=6", "--lr_decay_min_epochs=2"],
+                        (20.0, 6.0, 2.0))):
+        config = config_of(argv)
+        assert (config.random_elastic, config.elastic_sigma,
+                config.lr_decay_min_epochs) == want, argv
