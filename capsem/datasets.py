@@ -1079,11 +1079,10 @@ def random_elastic_image(image, alpha, sigma, seed_pair):
     field = tf.random.stateless_uniform(
         [1, height, width, 2], seed=tf.random.experimental.stateless_fold_in(seed_pair, 11),
         minval=-1.0, maxval=1.0)  # (1, H, W, 2): dy, dx
-    kernel = tf.constant(_gaussian_kernel(sigma))  # (k,)
-    size = int(kernel.shape[0])
+    kernel = _gaussian_kernel(sigma)  # (k,)
     # Separable smoothing, each axis of the field on its own (depthwise), zero-padded.
-    rows = tf.tile(tf.reshape(kernel, [size, 1, 1, 1]), [1, 1, 2, 1])  # (k, 1, 2, 1)
-    cols = tf.tile(tf.reshape(kernel, [1, size, 1, 1]), [1, 1, 2, 1])  # (1, k, 2, 1)
+    rows = np.repeat(kernel[:, None, None, None], 2, axis=2)  # (k, 1, 2, 1)
+    cols = np.repeat(kernel[None, :, None, None], 2, axis=2)  # (1, k, 2, 1)
     field = tf.nn.depthwise_conv2d(field, rows, [1, 1, 1, 1], "SAME")
     field = tf.nn.depthwise_conv2d(field, cols, [1, 1, 1, 1], "SAME")[0] * alpha  # (H, W, 2)
     grid_y, grid_x = tf.meshgrid(tf.range(height, dtype=tf.float32),
@@ -1106,25 +1105,25 @@ def random_elastic_image(image, alpha, sigma, seed_pair):
     return tf.ensure_shape(out, shape)
 
 
-def elastic_augmentation_problem(random_elastic, elastic_sigma):
-    """What is wrong with `random_elastic_image`'s settings, in one line; None if nothing."""
-    if isinstance(random_elastic, bool) or not isinstance(random_elastic, (int, float)) \
-            or not 0 <= random_elastic <= 100:
-        return f"random_elastic must be a number of pixels in [0, 100], got {random_elastic!r}"
-    if isinstance(elastic_sigma, bool) or not isinstance(elastic_sigma, (int, float)) \
-            or not 0.5 <= elastic_sigma <= 20:
-        return f"elastic_sigma must be a number of pixels in [0.5, 20], got {elastic_sigma!r}"
-    return None
+#: The bounds of the rotation, scaling and elastic distortion settings:
+#: name -> (low, high, high included, unit in the error message).
+_AUGMENTATION_BOUNDS = {
+    "random_rotation": (0, 180, True, " of degrees"),
+    "random_scale": (0, 1, False, ""),
+    "random_elastic": (0, 100, True, " of pixels"),
+    "elastic_sigma": (0.5, 20, True, " of pixels"),
+}
 
 
-def affine_augmentation_problem(random_rotation, random_scale):
-    """What is wrong with `random_affine_image`'s bounds, in one line; None if nothing."""
-    if isinstance(random_rotation, bool) or not isinstance(random_rotation, (int, float)) \
-            or not 0 <= random_rotation <= 180:
-        return f"random_rotation must be a number of degrees in [0, 180], got {random_rotation!r}"
-    if isinstance(random_scale, bool) or not isinstance(random_scale, (int, float)) \
-            or not 0 <= random_scale < 1:
-        return f"random_scale must be a number in [0, 1), got {random_scale!r}"
+def augmentation_problem(**settings):
+    """What is wrong with the given `_AUGMENTATION_BOUNDS` settings (`random_affine_image`'s,
+    `random_elastic_image`'s), in one line; None if nothing."""
+    for name, value in settings.items():
+        low, high, closed, unit = _AUGMENTATION_BOUNDS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not (low <= value <= high if closed else low <= value < high):
+            return (f"{name} must be a number{unit} in [{low}, {high}{']' if closed else ')'}, "
+                    f"got {value!r}")
     return None
 
 
@@ -1647,8 +1646,8 @@ def make_dataset(name, split, *, dataset_dir=None, data_source="tfrecord", batch
                 info.input_shape[:2])):
         raise DataError(f"random_shift must be an int in [0, {min(info.input_shape[:2]) // 2})"
                         f" for {info.name}, got {random_shift!r}")
-    problem = (affine_augmentation_problem(random_rotation, random_scale)
-               or elastic_augmentation_problem(random_elastic, elastic_sigma))
+    problem = augmentation_problem(random_rotation=random_rotation, random_scale=random_scale,
+                                   random_elastic=random_elastic, elastic_sigma=elastic_sigma)
     if problem:
         raise DataError(problem)
     augment = {"random_shift": random_shift, "random_rotation": random_rotation,

@@ -428,9 +428,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        problem = (datasets.affine_augmentation_problem(self.random_rotation, self.random_scale)
-                   or datasets.elastic_augmentation_problem(self.random_elastic,
-                                                            self.elastic_sigma))
+        problem = datasets.augmentation_problem(
+            random_rotation=self.random_rotation, random_scale=self.random_scale,
+            random_elastic=self.random_elastic, elastic_sigma=self.elastic_sigma)
         if problem:
             raise ConfigError(problem)
         if self.lr_decay_steps == 0 and self.lr_decay_rate != 1.0 \
