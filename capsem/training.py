@@ -551,14 +551,15 @@ def compare_with_saved_config(config, saved, has_checkpoint):
             f"for {config.lr_decay_rate!r}: a constant and a decaying learning rate keep "
             f"different optimizer state, so a run cannot switch between them; use another "
             f"--log_dir")
-    if bool(saved.get("ema_momentum", 0.0)) != bool(config.ema_momentum):
+    saved_ema = saved.get("ema_momentum", 0.0)  # runs before the average have no key: none
+    if bool(saved_ema) != bool(config.ema_momentum):
         raise ConfigError(
-            f"{where} was trained with ema_momentum={saved.get('ema_momentum', 0.0)!r}, this "
+            f"{where} was trained with ema_momentum={saved_ema!r}, this "
             f"run asks for {config.ema_momentum!r}: the average of the weights starts with a "
             f"run, so a run cannot switch it on or off (another value > 0 is taken); pass "
-            f"--ema_momentum={saved.get('ema_momentum', 0.0)!r} to resume it"
+            f"--ema_momentum={saved_ema!r} to resume it"
             + (" (runs of the paper recipe before 33e7692 had no average)"
-               if saved.get("recipe") == "paper" and not saved.get("ema_momentum") else "")
+               if saved.get("recipe") == "paper" and not saved_ema else "")
             + ", or use another --log_dir")
     return diffs + _differences(saved, current, OPTIMIZER_KEYS)
 
