@@ -780,7 +780,7 @@ def learning_rate(config, total_steps=0, steps_per_epoch=0):
     decay_steps = config.lr_decay_steps
     if decay_steps == 0:
         # The paper recipe's span (capsem.recipes.PAPER): the run, clamped to
-        # [lr_decay_min_epochs, lr_decay_max_epochs] epochs (5 and 5: always 5 epochs).
+        # [lr_decay_min_epochs, lr_decay_max_epochs] epochs (7 and 7: always 7 epochs).
         longest = round(config.lr_decay_max_epochs * steps_per_epoch)
         shortest = round(config.lr_decay_min_epochs * steps_per_epoch)
         spans = [n for n in (total_steps, longest) if n > 0]
