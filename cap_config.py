@@ -118,12 +118,12 @@ flags.DEFINE_integer("lr_decay_steps", None,
 flags.DEFINE_float("lr_decay_max_epochs", None,
                    "With --lr_decay_steps=0: the decay spans the run, but at most this many "
                    "epochs (the rate goes on decaying at the same pace after them); 0: no "
-                   "limit. Default: the recipe's (article 0, paper 5).", lower_bound=0)
+                   "limit. Default: the recipe's (article 0, paper 7).", lower_bound=0)
 flags.DEFINE_float("lr_decay_min_epochs", None,
                    "With --lr_decay_steps=0: the decay spans the run, but at least this many "
                    "epochs (a shorter run decays at the pace of a run this long, its rate "
                    "ending above --learning_rate x --lr_decay_rate); 0: none. Default: the "
-                   "recipe's (article 0, paper 5).", lower_bound=0)
+                   "recipe's (article 0, paper 7).", lower_bound=0)
 flags.DEFINE_integer("random_shift", None,
                      "Shift MNIST training images by up to this many pixels in each direction "
                      "(0: none). Default: the recipe's (article 0, paper 2).", lower_bound=0)
