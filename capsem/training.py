@@ -587,16 +587,17 @@ def checkpoint_candidates(log_dir):
             names.append(state.model_checkpoint_path)
         listed = [os.path.join(log_dir, os.path.basename(n)) for n in names]
     on_disk = [p[:-len(".index")] for p in glob.glob(os.path.join(log_dir, "ckpt-*.index"))]
-
-    def number(prefix):
-        try:
-            return int(prefix.rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            return -1
-
-    listed = sorted(set(listed), key=number, reverse=True)
-    others = sorted(set(on_disk) - set(listed), key=number, reverse=True)
+    listed = sorted(set(listed), key=_checkpoint_number, reverse=True)
+    others = sorted(set(on_disk) - set(listed), key=_checkpoint_number, reverse=True)
     return [(p, True) for p in listed] + [(p, False) for p in others]
+
+
+def _checkpoint_number(prefix):
+    """N of a checkpoint prefix `.../ckpt-N`; -1 for any other name."""
+    try:
+        return int(prefix.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def _first_line(error, limit=300):
@@ -993,16 +994,38 @@ class LogDirLock:
         return False
 
 
-def _remove_orphan_checkpoint_files(log_dir, manager, only_temporary=False):
+def _remove_orphan_checkpoint_files(log_dir, manager, candidates, restored,
+                                    only_temporary=False):
     """Deletes files of checkpoint saves that never completed (e.g. killed mid-save).
 
     Called only after the restore succeeded (or found no checkpoint at all), by
-    the run that holds the log_dir's lock. With `only_temporary`, `ckpt-*`
-    files that the state file does not name are kept (used when the run did
-    not resume from a checkpoint the state file names).
+    the run that holds the log_dir's lock. Never deleted: the checkpoints that
+    the manager keeps, that the state file names (also without the timestamps
+    TensorFlow's manager needs to list them, e.g. a state file edited by hand to
+    resume from an older checkpoint), the restored one, and every complete
+    checkpoint (with its `.index`) older than the restored one (e.g. one that a
+    manager kept as preserved and left out of the state file). What goes: the
+    temporary files of a save, pieces of a checkpoint without its `.index`, and a
+    complete checkpoint newer than the restored one that the state file does not
+    name (a save killed before it was named: the resumed run saves that step
+    again). With `only_temporary`, only the temporary files go (used when the
+    run did not resume from a checkpoint the state file names).
+
+    Args:
+      log_dir: the run's directory.
+      manager: its `tf.train.CheckpointManager`.
+      candidates: `checkpoint_candidates(log_dir)`, read before the restore.
+      restored: the restored prefix, or None.
+      only_temporary: see above.
     """
+    kept_prefixes = set(manager.checkpoints)
+    kept_prefixes.update(prefix for prefix, named in candidates if named)
+    if restored:
+        kept_prefixes.add(restored)
+        kept_prefixes.update(prefix for prefix, _ in candidates
+                             if _checkpoint_number(prefix) < _checkpoint_number(restored))
     keep = set()
-    for prefix in manager.checkpoints:
+    for prefix in kept_prefixes:
         keep.update(glob.glob(prefix + ".*"))
     for path in glob.glob(os.path.join(log_dir, "ckpt-*")):
         temporary = "_temp" in os.path.basename(path)
@@ -1387,7 +1410,7 @@ class _Trainer:
         self.resumed_from = restored
         listed = dict(candidates).get(restored, True)
         if self.is_chief:
-            _remove_orphan_checkpoint_files(config.log_dir, self.manager,
+            _remove_orphan_checkpoint_files(config.log_dir, self.manager, candidates, restored,
                                             only_temporary=not listed)
         if restored:
             logging.info("Resumed from %s at step %d", restored, int(self.global_step.numpy()))

@@ -140,6 +140,38 @@ def test_checkpoints_are_found_without_the_state_file(trained, tmp_path, caplog)
     assert os.path.exists(os.path.join(log_dir, "ckpt-3.index"))  # not deleted
 
 
+def test_a_state_file_written_by_hand_keeps_its_checkpoints(trained, tmp_path, caplog):
+    """Rolling back by naming an older checkpoint in the state file, without the timestamps
+    TensorFlow's manager needs to list it: the run resumes from it and keeps its files, also
+    at the next resume, when the manager's state file no longer names it."""
+    dataset_dir, log_dir = _copy(trained, tmp_path)
+    with open(os.path.join(log_dir, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
+
+    def ckpt_3(directory):
+        return {k: v for k, v in _digests(directory).items() if k.startswith("ckpt-3.")}
+
+    before = ckpt_3(log_dir)
+    assert sorted(before) == ["ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+    with caplog.at_level("INFO", logger="absl"):
+        result = training.train(tiny_config(tmp_path, dataset_dir, max_steps=5,
+                                            eval_every_epoch=False))
+    assert "Resumed from" in caplog.text and "ckpt-3 at step 3" in caplog.text
+    assert result["step"] == 5 and ckpt_3(log_dir) == before
+    # The newer checkpoint that the state file no longer names goes, as a save killed
+    # before it was named would: the resumed run saves that step again.
+    assert "ckpt-3." not in caplog.text and "Removed" in caplog.text
+    assert not glob.glob(os.path.join(log_dir, "ckpt-6.*"))
+    assert [os.path.basename(p) for p, named in training.checkpoint_candidates(log_dir)
+            if named] == ["ckpt-5"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        result = training.train(tiny_config(tmp_path, dataset_dir, max_steps=7,
+                                            eval_every_epoch=False))
+    assert "ckpt-5 at step 5" in caplog.text and "Removed" not in caplog.text
+    assert result["step"] == 7 and ckpt_3(log_dir) == before
+
+
 # --- 2. flags on resume ----------------------------------------------------------------------
 
 
