@@ -13,7 +13,8 @@ and are compiled into one library with the C++ compiler of the machine
 the PATH) against the headers of the installed TensorFlow, once per source,
 compiler, TensorFlow version and CPU, into a cache directory
 (`$CAPSEM_CACHE_DIR`, else `~/.cache/capsem`), which takes about 15 s the
-first time.
+first time. They are built for the CPU that runs them (`-march=native`), or
+for the target `$CAPSEM_NATIVE_ARCH` names (`arch_flags`).
 
 `capsem.ops` and `capsem.paper_routing` use them for EM routing by default
 when they build; where they cannot (no compiler, TensorFlow without
@@ -117,14 +118,39 @@ def _cpu_key():
     return platform.processor() or platform.machine()
 
 
+#: The target CPU's flags when `$CAPSEM_NATIVE_ARCH` is unset.
+DEFAULT_ARCH = "-march=native"
+
+
+def arch_flags(environ=None):
+    """The compiler's target-CPU flags: `$CAPSEM_NATIVE_ARCH` if set, else `-march=native`.
+
+    `-march=native` builds for the machine that runs the kernels (the cache key
+    holds its CPU's feature flags). `CAPSEM_NATIVE_ARCH` builds for another
+    target, e.g. `-march=haswell` for every AVX2 machine of a cluster, and
+    selects the kernels' code path: AVX-512, AVX2 (`Vec` as two 8-float
+    halves, see `capsem/native/em_common.h`) or generic.
+
+    Raises:
+      NativeBuildError: `$CAPSEM_NATIVE_ARCH` cannot be parsed.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get("CAPSEM_NATIVE_ARCH", "").strip()
+    if not value:
+        return [DEFAULT_ARCH]
+    try:
+        return shlex.split(value)
+    except ValueError as err:
+        raise NativeBuildError(f"cannot parse $CAPSEM_NATIVE_ARCH {value!r}: {err}") from None
+
+
 def _flags():
-    # -march=native: the library is built on the machine that runs it (the
-    # cache key holds the CPU's feature flags). AVX-512 FP16 is switched off
-    # because GCC 12 cannot compile Eigen's FP16 code in TensorFlow's headers.
+    # AVX-512 FP16 is switched off because GCC 12 cannot compile Eigen's FP16
+    # code in TensorFlow's headers.
     compile_flags = list(tf.sysconfig.get_compile_flags())
     link_flags = list(tf.sysconfig.get_link_flags())
     return (["-shared", "-fPIC", "-O3", "-fno-math-errno", "-w"],
-            ["-march=native", "-mno-avx512fp16"], compile_flags, link_flags)
+            [*arch_flags(), "-mno-avx512fp16"], compile_flags, link_flags)
 
 
 def _sources():
@@ -189,12 +215,18 @@ def _compile(path):
     log.warning("capsem: compiling the native EM routing kernels (once, about 30-60 s) into %s",
                 path)
     errors = []
+    # Without -mno-avx512fp16 if the compiler does not know the flag; then, for
+    # -march=native, without it (a compiler that does not know it).
+    attempts = [arch, arch[:-1]] + ([[]] if arch[:-1] == [DEFAULT_ARCH] else [])
     try:
-        # Without -mno-avx512fp16 if the compiler does not know the flag; then without -march.
-        for extra in (arch, arch[:1], []):
+        for extra in attempts:
             error = _build(cxx, base, extra, compile_flags, link_flags, tmp)
             if error is None:
                 os.replace(tmp, path)  # atomic: concurrent builds do not see half a file
+                if not extra:
+                    log.warning("capsem: the native EM routing kernels were built without "
+                                "%s, which the compiler refused; they run several times "
+                                "slower. The compiler said:\n%s", DEFAULT_ARCH, errors[-1])
                 return
             errors.append(error)
     finally:

@@ -232,6 +232,55 @@ def test_library_is_cached_per_compiler(monkeypatch):
     assert native.library_path() != gxx
 
 
+def test_arch_flags():
+    """-march=native unless $CAPSEM_NATIVE_ARCH names the target; one cache entry per target."""
+    assert native.arch_flags({}) == ["-march=native"]
+    assert native.arch_flags({"CAPSEM_NATIVE_ARCH": " "}) == ["-march=native"]
+    assert native.arch_flags({"CAPSEM_NATIVE_ARCH": "-march=haswell -mtune=znver3"}) == [
+        "-march=haswell", "-mtune=znver3"]
+    with pytest.raises(native.NativeBuildError, match="cannot parse .CAPSEM_NATIVE_ARCH"):
+        native.arch_flags({"CAPSEM_NATIVE_ARCH": "'-march=haswell"})
+
+
+def test_library_is_cached_per_target(monkeypatch):
+    default = native.library_path()
+    monkeypatch.setenv("CAPSEM_NATIVE_ARCH", "-march=haswell")
+    haswell = native.library_path()
+    assert haswell != default
+    monkeypatch.setenv("CAPSEM_NATIVE_ARCH", "-march=native")
+    assert native.library_path() == default
+
+
+def _cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(flags) <= set(line.split(":", 1)[1].split())
+
+
+@pytest.mark.skipif(not _cpu_has("avx2", "fma"), reason="the CPU has no AVX2 and FMA")
+def test_avx2_kernels_match_tensorflow_ops(tmp_path, monkeypatch):
+    """The kernels' AVX2 code path (`Vec` as two 8-float halves, em_common.h), built with
+    CAPSEM_NATIVE_ARCH=-march=haswell on any CPU with AVX2 (an AVX-512 CPU runs the other
+    path by default), passes the native-against-TensorFlow tests of both routings."""
+    native_or_skip()
+    monkeypatch.setenv("CAPSEM_NATIVE_ARCH", "-march=haswell")
+    monkeypatch.setenv("CAPSEM_CACHE_DIR", str(tmp_path))
+    library = native.library_path()  # the file the subprocess must build
+    tests = ["tests/test_native.py::test_native_matches_tensorflow_ops",
+             "tests/test_native_paper.py::test_native_paper_matches_tensorflow_ops"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-rs",
+                          "-p", "no:cacheprovider", *tests],
+                         cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary, out.stdout[-2000:]
+    assert os.path.exists(library), sorted(os.listdir(tmp_path))
+
+
 # Routes _problem(...) with the native kernels and saves the outputs and gradients.
 _CLANG_BUILD = """
 import sys

@@ -23,6 +23,9 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if !defined(__clang__) && defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -40,23 +43,103 @@ using tensorflow::TensorShape;
 
 constexpr float kEps = 1e-9f;
 
+// A pose is one 16-float vector. With AVX-512 (and with Clang) it is a 64-byte
+// GCC vector: one register. Without AVX-512 GCC gives a 64-byte vector no
+// register and keeps every one in memory, moving its pieces and lanes through
+// the stack, and permutes its 16 lanes one by one (training steps 3.3-3.5 times
+// slower on an AVX2 CPU, docs/performance.md). There, with AVX2 and GCC, `Vec`
+// is a pair of 8-float vectors (two registers) with the same operators,
+// computing lane by lane the same arithmetic; a vector condition is written
+// `Select(mask, a, b)` for both.
+#if !defined(__clang__) && defined(__AVX2__) && !defined(__AVX512F__)
+#define CAPSEM_VEC_HALVES 1
+#endif
+
+#if defined(CAPSEM_VEC_HALVES)
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef int32_t IVec8 __attribute__((vector_size(32)));
+
+struct IVec {
+  IVec8 lo, hi;  // lanes 0-7, 8-15
+  IVec() = default;
+  IVec(IVec8 l, IVec8 h) : lo(l), hi(h) {}
+  IVec(int32_t a0, int32_t a1, int32_t a2, int32_t a3, int32_t a4, int32_t a5, int32_t a6,
+       int32_t a7, int32_t a8, int32_t a9, int32_t a10, int32_t a11, int32_t a12,
+       int32_t a13, int32_t a14, int32_t a15)
+      : lo{a0, a1, a2, a3, a4, a5, a6, a7}, hi{a8, a9, a10, a11, a12, a13, a14, a15} {}
+  int32_t operator[](int j) const { return j < 8 ? lo[j] : hi[j - 8]; }
+};
+inline IVec operator+(IVec a, int32_t b) { return {a.lo + b, a.hi + b}; }
+inline IVec operator<<(IVec a, int b) { return {a.lo << b, a.hi << b}; }
+
+struct Vec {
+  Vec8 lo, hi;  // lanes 0-7, 8-15
+  Vec() = default;
+  Vec(Vec8 l, Vec8 h) : lo(l), hi(h) {}
+  float operator[](int j) const { return j < 8 ? lo[j] : hi[j - 8]; }
+  float& operator[](int j) { return reinterpret_cast<float*>(this)[j]; }
+};
+#define CAPSEM_VEC_BINARY(op)                                                        \
+  inline Vec operator op(Vec a, Vec b) { return {a.lo op b.lo, a.hi op b.hi}; }      \
+  inline Vec operator op(Vec a, float b) { return {a.lo op b, a.hi op b}; }          \
+  inline Vec operator op(float a, Vec b) { return {a op b.lo, a op b.hi}; }          \
+  inline Vec& operator op##=(Vec& a, Vec b) { return a = a op b; }                   \
+  inline Vec& operator op##=(Vec& a, float b) { return a = a op b; }
+CAPSEM_VEC_BINARY(+)
+CAPSEM_VEC_BINARY(-)
+CAPSEM_VEC_BINARY(*)
+CAPSEM_VEC_BINARY(/)
+#undef CAPSEM_VEC_BINARY
+inline Vec operator-(Vec a) { return {-a.lo, -a.hi}; }
+inline IVec operator>(Vec a, Vec b) { return {a.lo > b.lo, a.hi > b.hi}; }
+inline IVec operator<(Vec a, Vec b) { return {a.lo < b.lo, a.hi < b.hi}; }
+// mask[j] ? a[j] : b[j] (mask lanes 0 or -1, as from a comparison).
+inline Vec Select(IVec mask, Vec a, Vec b) {
+  return {mask.lo ? a.lo : b.lo, mask.hi ? a.hi : b.hi};
+}
+inline IVec TruncateToInt(Vec x) {
+  return {__builtin_convertvector(x.lo, IVec8), __builtin_convertvector(x.hi, IVec8)};
+}
+inline Vec ToFloat(IVec x) {
+  return {__builtin_convertvector(x.lo, Vec8), __builtin_convertvector(x.hi, Vec8)};
+}
+#else
 typedef float Vec __attribute__((vector_size(64)));
 typedef int32_t IVec __attribute__((vector_size(64)));
+inline Vec Select(IVec mask, Vec a, Vec b) { return mask ? a : b; }
+inline IVec TruncateToInt(Vec x) { return __builtin_convertvector(x, IVec); }
+inline Vec ToFloat(IVec x) { return __builtin_convertvector(x, Vec); }
+#endif
 
+#if defined(CAPSEM_VEC_HALVES)
+inline Vec Load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void Store(float* p, Vec v) {
+  _mm256_storeu_ps(p, v.lo);
+  _mm256_storeu_ps(p + 8, v.hi);
+}
+#else
 inline Vec Load(const float* p) {
   Vec v;
   std::memcpy(&v, p, sizeof(Vec));
   return v;
 }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+#endif
 inline Vec Splat(float x) { return Vec{} + x; }
+inline IVec LoadInts(const int32_t* p) {
+  IVec v;
+  std::memcpy(&v, p, sizeof(IVec));
+  return v;
+}
 
 // Lane permutations: Shuffle(x, idx)[j] = x[idx[j]] and, of two sources,
 // Shuffle(a, b, idx)[j] = (a ++ b)[idx[j]]. GCC's __builtin_shuffle takes the
 // indices as a vector value; Clang has no such builtin (its
 // __builtin_shufflevector needs constant indices), so there they are spelled
 // lane by lane, which Clang compiles to vector permutes for the constant index
-// tables below. Either way the lanes are only moved: the numbers are the same.
+// tables below. With the two halves of CAPSEM_VEC_HALVES each half of the
+// result comes from 8-lane shuffles (AVX2 vpermps) and a select. Either way the
+// lanes are only moved: the numbers are the same.
 #if defined(__clang__)
 inline Vec Shuffle(Vec x, IVec idx) {
   Vec r;
@@ -70,6 +153,18 @@ inline Vec Shuffle(Vec a, Vec b, IVec idx) {
     r[j] = k < 16 ? a[k] : b[k - 16];
   }
   return r;
+}
+#elif defined(CAPSEM_VEC_HALVES)
+inline Vec Shuffle(Vec x, IVec idx) {
+  return {__builtin_shuffle(x.lo, x.hi, idx.lo), __builtin_shuffle(x.lo, x.hi, idx.hi)};
+}
+inline Vec8 ShuffleHalf(Vec a, Vec b, IVec8 k) {  // k: 0-15 a's lanes, 16-31 b's
+  const Vec8 from_a = __builtin_shuffle(a.lo, a.hi, k);  // indices taken modulo 16
+  const Vec8 from_b = __builtin_shuffle(b.lo, b.hi, k);
+  return (k & 16) != 0 ? from_b : from_a;
+}
+inline Vec Shuffle(Vec a, Vec b, IVec idx) {
+  return {ShuffleHalf(a, b, idx.lo), ShuffleHalf(a, b, idx.hi)};
 }
 #else
 inline Vec Shuffle(Vec x, IVec idx) { return __builtin_shuffle(x, idx); }
@@ -106,6 +201,25 @@ const IVec kPT[4] = {
 
 inline Vec Perm(Vec x, const IVec& idx) { return Shuffle(x, idx); }
 
+// RowK of the 4x4 matrix at w, and of a matrix in a Vec: row k repeated for
+// every r. With the two halves of CAPSEM_VEC_HALVES each half holds rows r and
+// r + 1, so both are row k twice: one 128-bit broadcast, no permutation.
+#if defined(CAPSEM_VEC_HALVES)
+inline Vec RowK(const float* w, int k) {
+  const Vec8 row = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(w + 4 * k));
+  return {row, row};
+}
+inline Vec RowK(Vec x, int k) {
+  const Vec8 half = k < 2 ? x.lo : x.hi;
+  const Vec8 row = (k & 1) ? _mm256_permute2f128_ps(half, half, 0x11)
+                           : _mm256_permute2f128_ps(half, half, 0x00);
+  return {row, row};
+}
+#else
+inline Vec RowK(const float* w, int k) { return Perm(Load(w), kRow[k]); }
+inline Vec RowK(Vec x, int k) { return Perm(x, kRow[k]); }
+#endif
+
 // Sums of 16 vectors: out[j] = sum_h x[j][h], by a tree of two-source
 // shuffles (cheaper than 16 horizontal sums). After the level with c partial
 // sums per source, lane j holds partial sum j % c of source j / c.
@@ -115,12 +229,15 @@ struct SumMasks {
     int level = 0;
     for (int c = 8; c >= 1; c /= 2, ++level) {
       const int n_in = 16 / (2 * c);  // sources per input vector
+      int32_t l[16], r_[16];
       for (int j = 0; j < 16; ++j) {
         const int src = j / c, r = j % c;
         const int idx = src < n_in ? src * 2 * c + r : 16 + (src - n_in) * 2 * c + r;
-        left[level][j] = idx;
-        right[level][j] = idx + c;
+        l[j] = idx;
+        r_[j] = idx + c;
       }
+      left[level] = LoadInts(l);
+      right[level] = LoadInts(r_);
     }
   }
 };
@@ -144,13 +261,13 @@ inline Vec Sums16(const Vec* x) {
 // polynomial, relative error ~1e-7); inputs below -88.38 give 0.
 inline Vec Exp(Vec x) {
   const Vec hi = Splat(88.3762626647950f), lo = Splat(-88.3762626647949f);
-  x = x > hi ? hi : x;
+  x = Select(x > hi, hi, x);
   const IVec tiny = x < lo;
-  x = x < lo ? lo : x;
+  x = Select(tiny, lo, x);
   Vec fx = x * 1.44269504088896341f + 0.5f;
-  IVec n = __builtin_convertvector(fx, IVec);  // truncation
-  Vec fn = __builtin_convertvector(n, Vec);
-  fn = fn > fx ? fn - 1.0f : fn;              // floor
+  IVec n = TruncateToInt(fx);
+  Vec fn = ToFloat(n);
+  fn = Select(fn > fx, fn - 1.0f, fn);        // floor
   x = x - fn * 0.693359375f;
   x = x + fn * 2.12194440e-4f;
   const Vec z = x * x;
@@ -161,12 +278,12 @@ inline Vec Exp(Vec x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
-  n = __builtin_convertvector(fn, IVec);
+  n = TruncateToInt(fn);
   const IVec bits = (n + 127) << 23;
   Vec scale;
   std::memcpy(&scale, &bits, sizeof(Vec));
   y = y * scale;
-  return tiny ? Splat(0.0f) : y;
+  return Select(tiny, Splat(0.0f), y);
 }
 
 // Flushes denormal results and inputs to zero while in scope (as TensorFlow's
@@ -229,9 +346,9 @@ void Votes(const Problem& pb, const float* poses, Vec* v) {
       const float* w = pb.wt + 16 * (o * I + i0);
       Vec* vo = v + o * I + i0;
       for (int64_t j = 0; j < n; ++j) {
-        const Vec wv = Load(w + 16 * j);
-        Vec x = pk[j][0] * Perm(wv, kRow[0]) + pk[j][1] * Perm(wv, kRow[1]) +
-                pk[j][2] * Perm(wv, kRow[2]) + pk[j][3] * Perm(wv, kRow[3]);
+        const float* wj = w + 16 * j;
+        Vec x = pk[j][0] * RowK(wj, 0) + pk[j][1] * RowK(wj, 1) + pk[j][2] * RowK(wj, 2) +
+                pk[j][3] * RowK(wj, 3);
         if (pb.has_offsets) x += Load(pb.offsets + 16 * (i0 + j));
         vo[j] = x;
       }
@@ -275,11 +392,10 @@ void PoseGradients(const Problem& pb, const float* poses, const Vec* gv, float* 
       const Vec* g = gv + o * I + i0;
       for (int64_t j = 0; j < n; ++j) {
         const Vec G = g[j];
-        const Vec dw = pt[j][0] * Perm(G, kRow[0]) + pt[j][1] * Perm(G, kRow[1]) +
-                       pt[j][2] * Perm(G, kRow[2]) + pt[j][3] * Perm(G, kRow[3]);
+        const Vec dw = pt[j][0] * RowK(G, 0) + pt[j][1] * RowK(G, 1) + pt[j][2] * RowK(G, 2) +
+                       pt[j][3] * RowK(G, 3);
         Store(gw + 16 * j, Load(gw + 16 * j) + dw);
-        const Vec wv = Load(w + 16 * j);
-        for (int k = 0; k < 4; ++k) y[j][k] += G * Perm(wv, kRow[k]);
+        for (int k = 0; k < 4; ++k) y[j][k] += G * RowK(w + 16 * j, k);
       }
     }
     for (int64_t j = 0; j < n; ++j) {

@@ -200,7 +200,7 @@ void EStep(const Problem& pb, const Vec* v, Scratch* s) {
     Vec mx = Load(s->Row(s->zz, 0) + b);
     for (int64_t o = 1; o < O; ++o) {
       const Vec z = Load(s->Row(s->zz, o) + b);
-      mx = z > mx ? z : mx;
+      mx = Select(z > mx, z, mx);
     }
     Vec sum = Splat(0.0f);
     for (int64_t o = 0; o < O; ++o) {

@@ -199,7 +199,7 @@ struct NormalisedCost {
 struct UnnormalisedCost {
   static Vec Variance(Vec raw, float floor) {
     const Vec fl = Splat(floor);
-    return raw > fl ? raw : fl;
+    return Select(raw > fl, raw, fl);
   }
   static Vec LogVar(Vec var) {
     Vec log_var;
@@ -216,7 +216,7 @@ struct UnnormalisedCost {
     *g_beta_v += 16.0f * g_sum_h;
     const Vec g = *g_var + g_sum_h / var;
     const Vec fl = Splat(pp.floor), zero = Splat(0.0f);
-    *g_var = var > fl ? g : zero;  // d raw: 0 where the floor holds
+    *g_var = Select(var > fl, g, zero);  // d raw: 0 where the floor holds
     *raw = var;  // where d raw is not 0
     return g_rs;
   }
@@ -363,7 +363,7 @@ void ForwardPhase(const PaperProblem& pp, const float* src, const float* a, int6
     Vec mx = Load(s->Row(s->zz, 0) + b);
     for (int64_t o = 1; o < O; ++o) {
       const Vec z = Load(s->Row(s->zz, o) + b);
-      mx = z > mx ? z : mx;
+      mx = Select(z > mx, z, mx);
     }
     Vec sum = Splat(0.0f);
     for (int64_t o = 0; o < O; ++o) {
