@@ -251,6 +251,45 @@ def test_library_is_cached_per_target(monkeypatch):
     assert native.library_path() == default
 
 
+def _refusing_build(refused, calls):
+    """A stand-in for native._build: fails while the flags hold any of `refused`."""
+    def build(cxx, base, extra, compile_flags, link_flags, tmp):
+        calls.append(list(extra))
+        bad = [flag for flag in extra if flag in refused]
+        return f"$ c++ {' '.join(extra)}\nerror: unknown {bad[0]}" if bad else None
+    return build
+
+
+def test_a_build_without_the_target_flags_warns(tmp_path, monkeypatch, caplog):
+    """If the compiler refuses -march=native, the kernels are built without it, with a warning
+    (they run several times slower); a target named by $CAPSEM_NATIVE_ARCH is never dropped."""
+    monkeypatch.delenv("CAPSEM_NATIVE_ARCH", raising=False)
+    calls = []
+    monkeypatch.setattr(native, "_build", _refusing_build({"-march=native"}, calls))
+    with caplog.at_level("WARNING", logger="capsem"):
+        native._compile(str(tmp_path / "lib.so"))
+    assert calls == [["-march=native", "-mno-avx512fp16"], ["-march=native"], []]
+    assert (tmp_path / "lib.so").exists()
+    assert "built without -march=native" in caplog.text
+    assert "error: unknown -march=native" in caplog.text
+
+    calls.clear()
+    caplog.clear()
+    monkeypatch.setattr(native, "_build", _refusing_build({"-mno-avx512fp16"}, calls))
+    with caplog.at_level("WARNING", logger="capsem"):
+        native._compile(str(tmp_path / "lib2.so"))
+    assert calls == [["-march=native", "-mno-avx512fp16"], ["-march=native"]]
+    assert "built without" not in caplog.text
+
+    calls.clear()
+    monkeypatch.setenv("CAPSEM_NATIVE_ARCH", "-march=haswell")
+    monkeypatch.setattr(native, "_build", _refusing_build({"-march=haswell"}, calls))
+    with pytest.raises(native.NativeBuildError, match="unknown -march=haswell"):
+        native._compile(str(tmp_path / "lib3.so"))
+    assert calls == [["-march=haswell", "-mno-avx512fp16"], ["-march=haswell"]]
+    assert not (tmp_path / "lib3.so").exists()
+
+
 def _cpu_has(*flags):
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
