@@ -23,7 +23,9 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+// GCC targeting AVX2 without AVX-512: `Vec` as two 8-float halves (see below).
 #if !defined(__clang__) && defined(__AVX2__) && !defined(__AVX512F__)
+#define CAPSEM_VEC_HALVES 1
 #include <immintrin.h>
 #endif
 
@@ -51,10 +53,6 @@ constexpr float kEps = 1e-9f;
 // is a pair of 8-float vectors (two registers) with the same operators,
 // computing lane by lane the same arithmetic; a vector condition is written
 // `Select(mask, a, b)` for both.
-#if !defined(__clang__) && defined(__AVX2__) && !defined(__AVX512F__)
-#define CAPSEM_VEC_HALVES 1
-#endif
-
 #if defined(CAPSEM_VEC_HALVES)
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef int32_t IVec8 __attribute__((vector_size(32)));
@@ -67,7 +65,6 @@ struct IVec {
        int32_t a7, int32_t a8, int32_t a9, int32_t a10, int32_t a11, int32_t a12,
        int32_t a13, int32_t a14, int32_t a15)
       : lo{a0, a1, a2, a3, a4, a5, a6, a7}, hi{a8, a9, a10, a11, a12, a13, a14, a15} {}
-  int32_t operator[](int j) const { return j < 8 ? lo[j] : hi[j - 8]; }
 };
 inline IVec operator+(IVec a, int32_t b) { return {a.lo + b, a.hi + b}; }
 inline IVec operator<<(IVec a, int b) { return {a.lo << b, a.hi << b}; }
