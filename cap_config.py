@@ -56,8 +56,10 @@ flags.DEFINE_enum(
     "routing", None, ["article", "paper"],
     "EM routing: 'article' (the article's code: independent routing per position, cost "
     "normalised over the output capsules) or 'paper' (the paper's procedure, "
-    "capsem.paper_routing: a child shared out over the parents at every position, variance "
-    "floor, normalised data per parent). Default: the recipe's (article / paper).")
+    "capsem.paper_routing: a variance floor; a child shared out over its parents at every "
+    "position by the E-steps (--iterations >= 2) and, with --routing_cost=normalised, by "
+    "the first assignments, whose data per parent that cost also normalises). Default: "
+    "the recipe's (article / paper).")
 flags.DEFINE_float("final_lambda", None,
                    "Paper routing: scale of the inverse temperature schedule "
                    "lambda_t = final_lambda * (1 - 0.95^(t+1)) (--lambda_schedule=iterations), "

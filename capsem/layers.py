@@ -29,7 +29,7 @@ _PACKAGE = "capsem"
 
 #: EM routing modes: the article's code (`capsem.ops.em_routing`) or the
 #: paper's procedure (`capsem.paper_routing.em_routing_paper`).
-ROUTING_MODES = ("article", "paper")
+ROUTING_MODES = ops.ROUTING_MODES
 
 #: Compute dtypes the routing layers accept (see the module docstring).
 ROUTING_DTYPES = ("float32", "float64")

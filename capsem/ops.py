@@ -274,8 +274,14 @@ def e_step(o_mean, o_stdv, o_activations, votes):
     return tf.reshape(rr, zz_shape)  # (..., I, O, 1)
 
 
+#: EM routing modes (`em_routing`'s `routing`, and the layers' and `capsules_net`'s):
+#: the article's code (this module) or the paper's procedure, its sibling
+#: `capsem.paper_routing.em_routing_paper`.
+ROUTING_MODES = ("article", "paper")
+
+
 def em_routing(votes, i_activations, beta_v, beta_a, iterations, stable=False,
-               return_assignments=False):
+               return_assignments=False, routing="article", **paper_options):
     """EM routing between capsule layers (article: `matrix_capsules_em_routing`).
 
     The article's arithmetic, schedule and epsilons, computed by fused
@@ -311,11 +317,38 @@ def em_routing(votes, i_activations, beta_v, beta_a, iterations, stable=False,
         rounding.
       return_assignments: also return the assignments rr used by the last
         M-step (a diagnostic output: no gradient flows back through it).
+      routing: "article" (default): the article's routing above. "paper":
+        the paper's procedure, `capsem.paper_routing.em_routing_paper`
+        (its routing, inverse temperatures and guards; `stable` does not
+        apply), with votes `(N, I, O, 16)` (one output position, as in the
+        class capsules) or `(N, P, I, O, 16)` (P output positions).
+      **paper_options: with `routing="paper"`, the keyword arguments of
+        `em_routing_paper`: `final_lambda`, `child_map` (a conv layer's
+        children shared out across positions), `variance_floor`,
+        `assignment_gradient`, `inverse_temperature`, `cost`.
 
     Returns:
       `(poses (..., O, 16), activations (..., O))`, and rr `(..., I, O)` if
       `return_assignments`.
+
+    Example:
+    >>> v = tf.random.normal([2, 12, 3, 16])  # (N, I, O, 16)
+    >>> a = tf.fill([2, 12], 0.5)
+    >>> p, act = em_routing(v, a, tf.zeros(3), tf.zeros(3), 3)
+    >>> p.shape, act.shape
+    (TensorShape([2, 3, 16]), TensorShape([2, 3]))
+    >>> p, act = em_routing(v, a, tf.zeros(3), tf.zeros(3), 1, routing="paper", cost="unnormalised")
+    >>> act.shape
+    TensorShape([2, 3])
     """
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"em_routing routing must be one of {ROUTING_MODES}, got {routing!r}")
+    if routing == "paper":
+        return _em_routing_paper(votes, i_activations, beta_v, beta_a, iterations, stable,
+                                 return_assignments, paper_options)
+    if paper_options:
+        raise TypeError(f"em_routing options {sorted(paper_options)} are the paper routing's: "
+                        f"pass routing='paper' with them, or leave them out")
     votes = tf.convert_to_tensor(votes)
     i_activations = tf.convert_to_tensor(i_activations, dtype=votes.dtype)
     _check_iterations(iterations)
@@ -352,6 +385,30 @@ def em_routing(votes, i_activations, beta_v, beta_a, iterations, stable=False,
         rr.set_shape(static_lead.concatenate([num_i, num_o]))
         return poses, activations, rr
     return poses, activations
+
+
+def _em_routing_paper(votes, i_activations, beta_v, beta_a, iterations, stable,
+                      return_assignments, paper_options):
+    """`em_routing(..., routing="paper")`: `em_routing_paper` on rank-4 or rank-5 votes."""
+    from capsem import paper_routing  # it imports this module
+
+    if stable:
+        raise ValueError("em_routing stable=True is the article routing's option; the paper "
+                         "routing has its own variance floor (variance_floor=)")
+    votes = tf.convert_to_tensor(votes)
+    rank = votes.shape.rank
+    if rank not in (4, 5):
+        raise ValueError(f"em_routing with routing='paper' needs votes (N, I, O, 16) or "
+                         f"(N, P, I, O, 16), got shape {_static_shape(votes)}")
+    if rank == 4:
+        votes = votes[:, None]  # (N, 1, I, O, 16)
+        i_activations = tf.convert_to_tensor(i_activations, votes.dtype)[:, None]  # (N, 1, I)
+    out = paper_routing.em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
+                                         return_assignments=return_assignments,
+                                         **paper_options)
+    if rank == 4:  # (N, 1, O, 16), (N, 1, O) and rr (N, 1, I, O): the position dropped
+        out = tuple(x[:, 0] for x in out)
+    return out
 
 
 def _em_routing_from_poses(poses, w, i_activations, beta_v, beta_a, iterations, stable=False,

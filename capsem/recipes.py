@@ -87,8 +87,14 @@ PAPER = {
     # Gritzman 2019, pitfall 2: a floor on the variance; 1e-2 is the clamp of
     # YuxianMeng's PyTorch code (docs/results.md 3.1-3.4).
     "variance_floor": 1e-2,
-    # The paper differentiates through all of routing.
+    # The paper (Sec. 3 and procedure 1) defines no stop-gradient in routing, and IBM's
+    # implementation of Gritzman 2019 differentiates through it; with one iteration there
+    # is no E-step, so this matters only for --iterations >= 2 (docs/results.md 2 and 3.5:
+    # with E-steps, --noassignment_gradient learned no faster).
     "assignment_gradient": True,
+    # The article's N(0, 1). Measured (docs/results.md 2 and 3.7): stddev 3 centres the
+    # class activations at initialisation but learned no faster, and a 5 times larger
+    # effective learning rate of the matrices (run `wm5`, a patch) gave the same curve.
     "transform_stddev": 1.0,
     # The paper, on the spread loss: "starting from a small margin of 0.2 and
     # linearly increasing it during training to 0.9"; over 7 epochs, i.e. 0.1 per

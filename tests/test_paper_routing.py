@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from capsem import layers, paper_routing
+from capsem import layers, ops, paper_routing
 from conftest import assert_close
 import numpy_reference as ref
 
@@ -174,6 +174,60 @@ def test_gradients_match_finite_differences(child_map, iterations, options):
             assert abs(analytic - numerical) <= 1e-6 * max(1.0, abs(numerical)), (
                 f"d/d {name}: autodiff {analytic!r}, finite differences {numerical!r}")
             assert abs(numerical) > 1e-6, name  # the check is not vacuous
+
+
+@pytest.mark.parametrize("conv,iterations,options", [
+    (False, 3, {"final_lambda": 2.0}),
+    (True, 3, {}),
+    (True, 1, {"cost": "unnormalised", "inverse_temperature": 0.4, "variance_floor": 1e-2}),
+])
+def test_em_routing_routing_paper_matches_reference(conv, iterations, options):
+    """`ops.em_routing(..., routing="paper")`: the paper routing on the article's entry point."""
+    rng = np.random.default_rng(8 + iterations)
+    o, c = 3, 2
+    if conv:  # a 5x5 grid, kernel 3, stride 2: 4 positions, children shared between them
+        child_map = paper_routing.ChildMap(5, 5, 3, 2)
+        votes = rng.normal(size=(2, 4, 9 * c, o, 16)).astype(np.float32)  # (N, P, I, O, 16)
+        acts = rng.uniform(0.1, 1.0, size=(2, 4, 9 * c)).astype(np.float32)
+        slots = child_map.index.reshape(4, 9)  # (P, K*K): grid position of each window slot
+        children = (slots[:, :, None] * c + np.arange(c)).reshape(4, 9 * c)  # (P, I)
+        num_children, extra = 25 * c, {"child_map": child_map}
+    else:  # class capsules: one position, rank-4 votes (N, I, O, 16)
+        votes = rng.normal(size=(2, 7, o, 16)).astype(np.float32)
+        acts = rng.uniform(0.1, 1.0, size=(2, 7)).astype(np.float32)
+        children, num_children, extra = np.arange(7)[None], 7, {}
+    bv, ba = rng.normal(size=o), rng.normal(size=o)
+    p, act, rr = ops.em_routing(votes, acts, bv.astype(np.float32), ba.astype(np.float32),
+                                iterations, return_assignments=True, routing="paper",
+                                **extra, **options)
+    ref_options = {"inverse_temperature": options.get("inverse_temperature"),
+                   "cost": options.get("cost", "normalised"),
+                   "floor": options.get("variance_floor")}
+    for n in range(2):
+        v_n = votes[n] if conv else votes[n][None]  # (P, I, O, 16)
+        a_n = acts[n] if conv else acts[n][None]  # (P, I)
+        ref_p, ref_a, ref_rr = ref.em_routing_paper_edges(
+            v_n, a_n, children, num_children, bv, ba, iterations,
+            options.get("final_lambda", 1.0), **ref_options)
+        if not conv:  # the position dropped, as the article's layout has none
+            ref_p, ref_a, ref_rr = ref_p[0], ref_a[0], ref_rr[0]
+        assert_close(act[n], ref_a, max_rel=2e-5, what="activations")
+        assert_close(p[n], ref_p, max_rel=2e-5, what="poses")
+        assert_close(rr[n], ref_rr, max_rel=2e-5, what="assignments")
+
+
+def test_em_routing_argument_checks():
+    v, a, b = tf.zeros([2, 5, 3, 16]), tf.fill([2, 5], 0.5), tf.zeros(3)
+    with pytest.raises(ValueError, match=r"routing must be one of \('article', 'paper'\)"):
+        ops.em_routing(v, a, b, b, 3, routing="fast")
+    with pytest.raises(TypeError, match=r"\['cost'\] are the paper routing's"):
+        ops.em_routing(v, a, b, b, 3, cost="unnormalised")
+    with pytest.raises(ValueError, match="stable=True is the article routing's"):
+        ops.em_routing(v, a, b, b, 3, stable=True, routing="paper")
+    with pytest.raises(ValueError, match=r"\(N, I, O, 16\) or \(N, P, I, O, 16\)"):
+        ops.em_routing(tf.zeros([5, 3, 16]), tf.zeros([5]), b, b, 3, routing="paper")
+    # The layers' modes are this one tuple.
+    assert layers.ROUTING_MODES is ops.ROUTING_MODES
 
 
 def test_schedule_and_argument_checks():
