@@ -8,7 +8,8 @@ epoch, the step and the wall time since the run's first event) and, with
 step, one curve per run; with `--activity`, how many capsules of each layer
 are off (activation below 0.05) or on (above 0.95) in the run's activation
 histograms (`capsem.diagnostics`, written every `--histogram_secs` on 4
-training images). The numbers in docs/results.md are made this way.
+training images); with `--routing`, how many children each routing layer
+gives to one parent (an assignment above 0.5) in its routing histograms. The numbers in docs/results.md are made this way.
 """
 
 import argparse
@@ -29,6 +30,13 @@ ACTIVATION_PREFIX = "activations/"
 
 #: An activation below OFF counts as off, above ON as on (`activity`).
 OFF, ON = 0.05, 0.95
+
+#: Prefix of the routing histograms: each layer's assignments of its last EM
+#: iteration (`capsem.diagnostics.capsule_details`).
+ROUTING_PREFIX = "routing/"
+
+#: An assignment above DOMINANT gives its child to one parent (`dominance`).
+DOMINANT = 0.5
 
 
 class ReportError(Exception):
@@ -130,6 +138,69 @@ def activity(buckets, off=OFF, on=ON):
     return {"off": float(counts[centres < off].sum() / total),
             "on": float(counts[centres > on].sum() / total),
             "mean": float((counts * centres).sum() / total)}
+
+
+def dominance(buckets, parents, dominant=DOMINANT):
+    """The share of children given to one parent, from a histogram of assignments.
+
+    In the article's routing the assignments of a child at one output
+    position sum to 1 over that position's `parents` (O) output capsules, so
+    at most one of them exceeds 0.5 and the histogram holds O values per
+    (child, position): the share of (child, position) pairs with an
+    assignment above `dominant` is `O * (values above it) / values` (buckets
+    counted by their centre, as in `activity`). Uniform assignments are 1/O;
+    a share near 1 means near one-hot routing. (In the paper routing a child
+    is shared out over several positions, so this counts the pairs that hold
+    a child's dominant parent, a lower bound of the children's share.)
+
+    Returns:
+      the share (float in [0, 1]); None for an empty histogram.
+    """
+    buckets = np.asarray(buckets, np.float64)
+    counts = buckets[:, 2]
+    total = counts.sum()
+    if total <= 0:
+        return None
+    centres = (buckets[:, 0] + buckets[:, 1]) / 2.0
+    return float(min(1.0, parents * counts[centres > dominant].sum() / total))
+
+
+def routing_parents(config):
+    """`{layer: O}` of a `capsules_net` run, from its config.json (`{}` if unknown)."""
+    if "C" not in config or "D" not in config:
+        return {}
+    parents = {"conv_caps1": int(config["C"]), "conv_caps2": int(config["D"])}
+    try:
+        from capsem.datasets import DATASETS
+
+        parents["class_capsules"] = int(DATASETS[config.get("dataset")].num_classes)
+    except (ImportError, KeyError):  # a tfds dataset: its class count is not recorded
+        pass
+    return parents
+
+
+def format_routing(log_dir, histograms, parents, rows=8):
+    """Per routing layer, the share of children given to one parent at up to `rows` steps."""
+    layers = sorted(tag for tag in histograms if tag[len(ROUTING_PREFIX):] in parents)
+    if not layers:
+        return f"{log_dir}: no routing histograms of known layers\n"
+    steps = sorted({step for tag in layers for step, _ in histograms[tag]})
+    shown = steps[::max(1, -(-len(steps) // rows))]
+    if steps[-1] not in shown:
+        shown.append(steps[-1])
+    names = [tag[len(ROUTING_PREFIX):] for tag in layers]
+    lines = [f"{log_dir}: children with an assignment above {DOMINANT} (near one-hot "
+             f"routing; uniform is 1/O)",
+             "  step    " + "".join(f"{f'{n} (O={parents[n]})':>26}" for n in names)]
+    by_step = {tag: dict(histograms[tag]) for tag in layers}
+    for step in shown:
+        cells = []
+        for tag, name in zip(layers, names):
+            buckets = by_step[tag].get(step)
+            share = dominance(buckets, parents[name]) if buckets is not None else None
+            cells.append("-" if share is None else f"{share:.2f}")
+        lines.append(f"  {step:<8d}" + "".join(f"{c:>26}" for c in cells))
+    return "\n".join(lines) + "\n"
 
 
 def format_activity(log_dir, histograms, rows=8):
@@ -256,6 +327,10 @@ def main(argv=None):
                         help=f"also print, per capsule layer, the share of activations below "
                              f"{OFF} (off) and above {ON} (on) and their mean, from the runs' "
                              f"activation histograms")
+    parser.add_argument("--routing", action="store_true",
+                        help=f"also print, per routing layer, the share of children whose "
+                             f"largest assignment is above {DOMINANT} (near one-hot routing), "
+                             f"from the runs' routing histograms")
     args = parser.parse_args(argv)
     if args.plot and os.path.exists(args.plot) and not args.overwrite:
         print(f"error: {args.plot} exists; pass --overwrite to replace it", file=sys.stderr)
@@ -270,6 +345,14 @@ def main(argv=None):
         try:
             for d in args.log_dirs:
                 print(format_activity(d, read_histograms(d)))
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    if args.routing:
+        try:
+            for s in summaries:
+                print(format_routing(s["log_dir"], read_histograms(s["log_dir"], ROUTING_PREFIX),
+                                     routing_parents(s["config"])))
         except ReportError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -75,3 +75,37 @@ def test_report_activity_counts_capsules_off_and_on_per_layer(tmp_path, capsys):
     # At step 100 the class capsules have no histogram.
     assert lines[2].split()[:2] == ["100", "-"] and "0.70 / 0.10 / 0.2" in lines[2]
     assert lines[3].split()[0] == "200" and lines[3].endswith("0.00 / 0.00 / 0.50")
+
+
+def test_report_routing_counts_children_given_to_one_parent(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    _fake_run(run, [0.9])
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"dataset": "mnist", "batch_size": 24, "A": 8, "B": 8, "C": 4, "D": 3}, f)
+    one_hot, uniform = [0.85, 0.05, 0.05, 0.05], [0.25] * 4  # O = 4 parents per child
+    writer = tf.summary.create_file_writer(run)
+    with writer.as_default():
+        # 6 of 10 children given to one parent, then none.
+        tf.summary.histogram("routing/conv_caps1", np.array(6 * one_hot + 4 * uniform),
+                             step=100)
+        tf.summary.histogram("routing/conv_caps1", np.array(10 * uniform), step=200)
+        # Class capsules (O = 10 for MNIST): 1 of 2 children one-hot.
+        tf.summary.histogram("routing/class_capsules",
+                             np.array([0.91] + [0.01] * 9 + [0.1] * 10), step=200)
+        tf.summary.histogram("activations/conv_caps1", np.full(8, 0.9), step=100)
+    writer.close()
+    histograms = report.read_histograms(run, report.ROUTING_PREFIX)
+    assert sorted(histograms) == ["routing/class_capsules", "routing/conv_caps1"]
+    assert abs(report.dominance(histograms["routing/conv_caps1"][0][1], 4) - 0.6) < 1e-9
+    assert report.dominance(histograms["routing/conv_caps1"][1][1], 4) == 0.0
+    assert abs(report.dominance(histograms["routing/class_capsules"][0][1], 10) - 0.5) < 1e-9
+    assert report.routing_parents({"dataset": "mnist", "C": 4, "D": 3}) == {
+        "conv_caps1": 4, "conv_caps2": 3, "class_capsules": 10}
+    assert report.routing_parents({"dataset": "some_tfds_set", "C": 4, "D": 3}) == {
+        "conv_caps1": 4, "conv_caps2": 3}
+    assert report.main([run, "--routing"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("children with an assignment"):].splitlines()
+    assert lines[1].split() == ["step", "class_capsules", "(O=10)", "conv_caps1", "(O=4)"]
+    assert lines[2].split() == ["100", "-", "0.60"]
+    assert lines[3].split() == ["200", "0.50", "0.00"]
