@@ -119,25 +119,34 @@ def read_histograms(log_dir, prefix=ACTIVATION_PREFIX):
     return {tag: sorted(values.items(), key=lambda x: x[0]) for tag, values in found.items()}
 
 
+def _shares(buckets):
+    """`(centres, shares)` of a histogram's buckets (None if it is empty).
+
+    Each bucket counts by its centre: the buckets of `tf.summary.histogram`
+    span the values' range in 30 equal parts, a 1/30 resolution for values in
+    [0, 1].
+    """
+    buckets = np.asarray(buckets, np.float64)
+    total = buckets[:, 2].sum()
+    if total <= 0:
+        return None
+    return (buckets[:, 0] + buckets[:, 1]) / 2.0, buckets[:, 2] / total
+
+
 def activity(buckets, off=OFF, on=ON):
     """The share of values below `off` and above `on`, and the mean, of one histogram.
 
-    Each bucket counts by its centre (the buckets of `tf.summary.histogram`
-    span the values' range in 30 equal parts, a 1/30 resolution for
-    activations in [0, 1]).
+    Buckets count by their centre (`_shares`).
 
     Returns:
       `{"off": share, "on": share, "mean": mean}`; None for an empty histogram.
     """
-    buckets = np.asarray(buckets, np.float64)
-    counts = buckets[:, 2]
-    total = counts.sum()
-    if total <= 0:
+    found = _shares(buckets)
+    if found is None:
         return None
-    centres = (buckets[:, 0] + buckets[:, 1]) / 2.0
-    return {"off": float(counts[centres < off].sum() / total),
-            "on": float(counts[centres > on].sum() / total),
-            "mean": float((counts * centres).sum() / total)}
+    centres, shares = found
+    return {"off": float(shares[centres < off].sum()), "on": float(shares[centres > on].sum()),
+            "mean": float((shares * centres).sum())}
 
 
 def dominance(buckets, parents, dominant=DOMINANT):
@@ -148,21 +157,19 @@ def dominance(buckets, parents, dominant=DOMINANT):
     at most one of them exceeds 0.5 and the histogram holds O values per
     (child, position): the share of (child, position) pairs with an
     assignment above `dominant` is `O * (values above it) / values` (buckets
-    counted by their centre, as in `activity`). Uniform assignments are 1/O;
-    a share near 1 means near one-hot routing. (In the paper routing a child
-    is shared out over several positions, so this counts the pairs that hold
-    a child's dominant parent, a lower bound of the children's share.)
+    counted by their centre, `_shares`). Uniform assignments are 1/O; a share
+    near 1 means near one-hot routing. (In the paper routing a child is
+    shared out over several positions, so this counts the pairs that hold a
+    child's dominant parent, a lower bound of the children's share.)
 
     Returns:
       the share (float in [0, 1]); None for an empty histogram.
     """
-    buckets = np.asarray(buckets, np.float64)
-    counts = buckets[:, 2]
-    total = counts.sum()
-    if total <= 0:
+    found = _shares(buckets)
+    if found is None:
         return None
-    centres = (buckets[:, 0] + buckets[:, 1]) / 2.0
-    return float(min(1.0, parents * counts[centres > dominant].sum() / total))
+    centres, shares = found
+    return float(min(1.0, parents * shares[centres > dominant].sum()))
 
 
 def routing_parents(config):
@@ -179,52 +186,53 @@ def routing_parents(config):
     return parents
 
 
-def format_routing(log_dir, histograms, parents, rows=8):
-    """Per routing layer, the share of children given to one parent at up to `rows` steps."""
-    layers = sorted(tag for tag in histograms if tag[len(ROUTING_PREFIX):] in parents)
-    if not layers:
-        return f"{log_dir}: no routing histograms of known layers\n"
+def _format_layers(title, histograms, prefix, cell, width, rows, label=str):
+    """A table of `cell(layer, buckets)` per layer (columns headed `label(layer)`)."""
+    layers = sorted(histograms)
     steps = sorted({step for tag in layers for step, _ in histograms[tag]})
     shown = steps[::max(1, -(-len(steps) // rows))]
     if steps[-1] not in shown:
         shown.append(steps[-1])
-    names = [tag[len(ROUTING_PREFIX):] for tag in layers]
-    lines = [f"{log_dir}: children with an assignment above {DOMINANT} (near one-hot "
-             f"routing; uniform is 1/O)",
-             "  step    " + "".join(f"{f'{n} (O={parents[n]})':>26}" for n in names)]
+    names = [tag[len(prefix):] for tag in layers]
+    lines = [title, "  step    " + "".join(f"{label(name):>{width}}" for name in names)]
     by_step = {tag: dict(histograms[tag]) for tag in layers}
     for step in shown:
         cells = []
         for tag, name in zip(layers, names):
             buckets = by_step[tag].get(step)
-            share = dominance(buckets, parents[name]) if buckets is not None else None
-            cells.append("-" if share is None else f"{share:.2f}")
-        lines.append(f"  {step:<8d}" + "".join(f"{c:>26}" for c in cells))
+            value = cell(name, buckets) if buckets is not None else None
+            cells.append("-" if value is None else value)
+        lines.append(f"  {step:<8d}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines) + "\n"
+
+
+def format_routing(log_dir, histograms, parents, rows=8):
+    """Per routing layer, the share of children given to one parent at up to `rows` steps."""
+    known = {tag: h for tag, h in histograms.items() if tag[len(ROUTING_PREFIX):] in parents}
+    if not known:
+        return f"{log_dir}: no routing histograms of known layers\n"
+
+    def cell(name, buckets):
+        share = dominance(buckets, parents[name])
+        return None if share is None else f"{share:.2f}"
+
+    return _format_layers(f"{log_dir}: children with an assignment above {DOMINANT} (near "
+                          f"one-hot routing; uniform is 1/O)", known, ROUTING_PREFIX, cell,
+                          26, rows, label=lambda name: f"{name} (O={parents[name]})")
 
 
 def format_activity(log_dir, histograms, rows=8):
     """Per layer, the share of capsules off and on at up to `rows` steps."""
     if not histograms:
         return f"{log_dir}: no activation histograms\n"
-    layers = sorted(histograms)
-    steps = sorted({step for tag in layers for step, _ in histograms[tag]})
-    shown = steps[::max(1, -(-len(steps) // rows))]
-    if steps[-1] not in shown:
-        shown.append(steps[-1])
-    names = [tag[len(ACTIVATION_PREFIX):] for tag in layers]
-    lines = [f"{log_dir}: capsules off (activation < {OFF}) / on (> {ON}) / mean activation",
-             "  step    " + "".join(f"{name:>22}" for name in names)]
-    by_step = {tag: dict(histograms[tag]) for tag in layers}
-    for step in shown:
-        cells = []
-        for tag in layers:
-            buckets = by_step[tag].get(step)
-            share = activity(buckets) if buckets is not None else None
-            cells.append("-" if share is None else
-                         f"{share['off']:.2f} / {share['on']:.2f} / {share['mean']:.2f}")
-        lines.append(f"  {step:<8d}" + "".join(f"{c:>22}" for c in cells))
-    return "\n".join(lines) + "\n"
+
+    def cell(name, buckets):
+        share = activity(buckets)
+        return None if share is None else (
+            f"{share['off']:.2f} / {share['on']:.2f} / {share['mean']:.2f}")
+
+    return _format_layers(f"{log_dir}: capsules off (activation < {OFF}) / on (> {ON}) / "
+                          f"mean activation", histograms, ACTIVATION_PREFIX, cell, 22, rows)
 
 
 def run_summary(log_dir):
