@@ -75,7 +75,7 @@ flags.DEFINE_enum("lambda_schedule", None, ["iterations", "ramp"],
                   "ramp).")
 flags.DEFINE_enum("routing_cost", None, ["normalised", "unnormalised"],
                   "Paper routing's M-step: 'normalised' (the data assigned to a parent "
-                  "normalised, Gritzman 2019's pitfall 3; cost on log sigma) or "
+                  "normalised, Gritzman 2019's pitfall 2; cost on log sigma) or "
                   "'unnormalised' (YuxianMeng's implementation: the paper's procedure 1 as "
                   "written, initial assignments 1/(all parents), cost on log sigma^2, "
                   "variance clamped at --variance_floor). Default: the recipe's (paper "

@@ -6,20 +6,22 @@ activation cost over the output capsules. This module follows procedure 1 of
 the paper and the implementation notes of Gritzman (2019), "Avoiding
 Implementation Pitfalls of Matrix Capsules with EM Routing" (arXiv 1907.00652),
 which names three pitfalls of the article-style code that are avoided here
-(numbered below as "pitfall 1-3"):
+(numbered as in Gritzman's abstract and Sec. 3):
 
-1. *Parents at different positions compete for a child* (pitfall 1; the
+1. *A parent with one child collapses* (pitfall 1): its variance goes
+   to 0 and `log sigma` to minus infinity; a variance floor `VARIANCE_FLOOR`
+   is added to every variance.
+2. *The amount of data assigned to a parent is normalised* (pitfall 2):
+   the cost uses `R_j * O / I` (I: children per parent, O: parent types), so
+   its scale does not grow with the number of children of a layer
+   (`cost="normalised"`; `cost="unnormalised"` is the paper's procedure 1 as
+   written).
+3. *Parents at different positions compete for a child* (pitfall 3; the
    paper's E-step normalises `R_ij` over all parents `j in Omega_{L+1}` that
    receive child i): in a convolutional capsule layer the E-step's softmax of
    a child runs over every (output position, output type) whose K x K window
-   contains it, and the initial assignments split each child evenly over those
-   parents.
-2. *A parent with one child collapses* (pitfall 2): its variance goes
-   to 0 and `log sigma` to minus infinity; a variance floor `VARIANCE_FLOOR`
-   is added to every variance.
-3. *The amount of data assigned to a parent is normalised* (pitfall 3):
-   the cost uses `R_j * O / I` (I: children per parent, O: parent types), so
-   its scale does not grow with the number of children of a layer.
+   contains it, and the initial assignments (`cost="normalised"`) split each
+   child evenly over those parents.
 
 The M-step's cost is the paper's (Sec. 3): `cost_h = (beta_v + log sigma_h) *
 R_j`, `a_j = logistic(lambda * (beta_a - sum_h cost_h))`, with `beta_v` and
@@ -57,7 +59,7 @@ import tensorflow as tf
 
 from capsem import native, ops
 
-#: Added to every variance (Gritzman 2019, pitfall 2: a parent with one child, or
+#: Added to every variance (Gritzman 2019, pitfall 1: a parent with one child, or
 #: with votes that agree, must not reach log(0)).
 VARIANCE_FLOOR = 1e-4
 
@@ -235,18 +237,18 @@ def m_step_paper(rr, votes, i_activations, beta_v, beta_a, inverse_temperature, 
       beta_v, beta_a: `(O,)`.
       inverse_temperature: lambda (float).
       data_scale: O / I, the normalisation of the data assigned to a parent
-        (Gritzman 2019, pitfall 3).
-      variance_floor: added to every variance (Gritzman 2019, pitfall 2).
+        (Gritzman 2019, pitfall 2).
+      variance_floor: added to every variance (Gritzman 2019, pitfall 1).
 
     Returns:
       `(mean (N, P, O, 16), var (N, P, O, 16), activations (N, P, O), dev2)`
       with `dev2 = (votes - mean)^2` `(N, P, O, 16, I)`, which the E-step reuses.
     """
     rr_sum, mean, var, dev2 = _weighted_moments(rr, votes, i_activations)
-    var = var + variance_floor  # (N, P, O, 16); Gritzman 2019, pitfall 2
+    var = var + variance_floor  # (N, P, O, 16); Gritzman 2019, pitfall 1
     log_stdv = 0.5 * tf.math.log(var)  # (N, P, O, 16)
     # Paper Sec. 3: cost_h = (beta_v + log sigma_h) sum_i R_ij; the data term
-    # normalised by O / I (Gritzman 2019, pitfall 3).
+    # normalised by O / I (Gritzman 2019, pitfall 2).
     cost = tf.reduce_sum(beta_v[:, None] + log_stdv, -1) * (rr_sum * data_scale)  # (N, P, O)
     activations = tf.sigmoid(inverse_temperature * (beta_a - cost))  # (N, P, O)
     return mean, var, activations, dev2
@@ -258,7 +260,7 @@ def m_step_unnormalised(rr, votes, i_activations, beta_v, beta_a, inverse_temper
 
     YuxianMeng's PyTorch implementation (Capsules.py), whose small network
     reports 97.6% after one MNIST epoch: `cost_h = (beta_v + log sigma_h^2)
-    sum_i R_ij a_i`, the data term not normalised (Gritzman's pitfall 3 left
+    sum_i R_ij a_i`, the data term not normalised (Gritzman's pitfall 2 left
     as the paper writes it) and the log of the variance (not of the standard
     deviation); the variance clamped at the floor (`max(sigma^2, floor)`,
     not `sigma^2 + floor`).
@@ -293,7 +295,7 @@ def e_step_paper(var, activations, dev2, child_map=None):
       dev2: `(votes - mean)^2`, `(N, P, O, 16, I)`.
       child_map: None (each child has parents at one position: a softmax over
         O), or the `ChildMap` of a conv layer, whose children are normalised
-        over every position that receives them (Gritzman 2019, pitfall 1;
+        over every position that receives them (Gritzman 2019, pitfall 3;
         I = K*K*C,
         window slot major).
 
@@ -399,7 +401,7 @@ def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
       child_map: None (class capsules: each child has one parent position) or
         the `ChildMap` of a convolutional layer.
       return_assignments: also return the rr of the last M-step.
-      variance_floor: added to every variance (Gritzman 2019, pitfall 2), > 0.
+      variance_floor: added to every variance (Gritzman 2019, pitfall 1), > 0.
       assignment_gradient: True (the paper, and the article's code): the
         gradient flows through the E-steps' assignments too; False: the
         assignments are treated as constants in the gradient (it flows
@@ -412,7 +414,7 @@ def em_routing_paper(votes, i_activations, beta_v, beta_a, iterations,
         a float tensor, e.g. a layer's weight that training sets by
         `inverse_temperature_ramp`) used at every iteration instead.
       cost: "normalised" (`m_step_paper`: the data per parent normalised,
-        Gritzman's pitfall 3) or "unnormalised" (`m_step_unnormalised` and
+        Gritzman's pitfall 2) or "unnormalised" (`m_step_unnormalised` and
         the literal initial assignments of `initial_assignments`,
         YuxianMeng's implementation).
 

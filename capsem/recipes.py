@@ -80,11 +80,11 @@ PAPER = {
     "lambda_start": 1e-3,
     "lambda_growth": 0.3,
     # YuxianMeng's M-step (capsem.paper_routing.m_step_unnormalised): the data per parent
-    # not normalised (the paper's procedure 1 as written, Gritzman's pitfall 3), the cost
+    # not normalised (the paper's procedure 1 as written, Gritzman's pitfall 2), the cost
     # on log sigma^2. With it the class layer's inverse temperature grows far larger than
     # the conv layers' as the ramp goes on. Measured: docs/results.md 3.9.
     "routing_cost": "unnormalised",
-    # Gritzman 2019, pitfall 2: a floor on the variance; 1e-2 is the clamp of
+    # Gritzman 2019, pitfall 1: a floor on the variance; 1e-2 is the clamp of
     # YuxianMeng's PyTorch code (docs/results.md 3.1-3.4).
     "variance_floor": 1e-2,
     # The paper (Sec. 3 and procedure 1) defines no stop-gradient in routing, and IBM's

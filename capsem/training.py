@@ -183,7 +183,7 @@ class TrainConfig:
       lambda_start, lambda_growth: the ramp's value at step 0 and its growth
         per epoch.
       routing_cost: the paper routing's M-step: "normalised" (the data per
-        parent normalised, Gritzman's pitfall 3) or "unnormalised"
+        parent normalised, Gritzman's pitfall 2) or "unnormalised"
         (YuxianMeng's; `capsem.paper_routing.m_step_unnormalised`).
       variance_floor: the paper routing's variance floor (> 0).
       assignment_gradient: whether the paper routing's gradient flows through
