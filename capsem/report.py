@@ -177,12 +177,11 @@ def routing_parents(config):
     if "C" not in config or "D" not in config:
         return {}
     parents = {"conv_caps1": int(config["C"]), "conv_caps2": int(config["D"])}
-    try:
-        from capsem.datasets import DATASETS
+    from capsem.datasets import DATASETS  # imports TensorFlow: only when asked
 
-        parents["class_capsules"] = int(DATASETS[config.get("dataset")].num_classes)
-    except (ImportError, KeyError):  # a tfds dataset: its class count is not recorded
-        pass
+    info = DATASETS.get(config.get("dataset"))
+    if info is not None:  # a tfds dataset's class count is not recorded
+        parents["class_capsules"] = int(info.num_classes)
     return parents
 
 
